@@ -1,0 +1,217 @@
+//! The gateway's configuration: one `serde(default)` struct, loaded from a
+//! TOML file, then environment (`GW_...`), then flags (see `main.rs`), and
+//! checked by [`GatewayConfig::validate`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A client protocol, named by a listener URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// WebSocket (`ws://host:port`).
+    Ws,
+    /// Newline-delimited text over TCP (`text://host:port`).
+    Text,
+    /// `u32` big-endian length-prefixed frames over TCP (`frame://host:port`).
+    Frame,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Ws => "ws",
+            Protocol::Text => "text",
+            Protocol::Frame => "frame",
+        }
+    }
+}
+
+/// A public listener: `ws://127.0.0.1:7272`, `text://0.0.0.0:7273`, ...
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub protocol: Protocol,
+    pub addr: String,
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (scheme, addr) = s
+            .split_once("://")
+            .ok_or_else(|| format!("`{s}`: expected SCHEME://HOST:PORT with scheme ws, text or frame"))?;
+        let protocol = match scheme {
+            "ws" => Protocol::Ws,
+            "text" => Protocol::Text,
+            "frame" => Protocol::Frame,
+            other => return Err(format!("`{s}`: unknown scheme `{other}` (use ws, text or frame)")),
+        };
+        let addr = addr.trim_end_matches('/');
+        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(format!("`{s}`: expected HOST:PORT after the scheme"));
+        }
+        Ok(ListenSpec {
+            protocol,
+            addr: addr.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.protocol.name(), self.addr)
+    }
+}
+
+/// Everything a gateway can be told. Every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Register addresses (host:port). Announce to all of them.
+    pub register: Vec<String>,
+    /// The cluster secret every internal link proves.
+    pub secret: String,
+    /// Public client listeners, e.g. `ws://0.0.0.0:7272`, `text://0.0.0.0:7273`.
+    pub listen: Vec<String>,
+    /// Internal listener for worker links (host:port). Loopback by default.
+    pub internal: String,
+    /// Address workers should dial for the internal listener, when it differs
+    /// from the bind address (containers, NAT). Port 0 or unset: the bound port.
+    pub advertise: Option<String>,
+    /// Most client connections held at once; more are refused (WebSocket: 503).
+    pub max_connections: usize,
+    /// Messages queued per client before it is closed as a slow consumer.
+    pub client_queue_messages: usize,
+    /// Bytes queued per client before it is closed as a slow consumer.
+    pub client_queue_bytes: usize,
+    /// Largest client message (WebSocket message, text line or frame), bytes.
+    pub max_message_bytes: usize,
+    /// WebSocket read buffer per connection, bytes.
+    pub ws_read_buffer: usize,
+    /// Time a client has to finish the protocol handshake, ms.
+    pub handshake_timeout_ms: u64,
+    /// Heartbeat interval, ms; 0 turns heartbeats off.
+    pub ping_interval_ms: u64,
+    /// Intervals without anything from a client before it is closed.
+    pub ping_missed_limit: u32,
+    /// Sent as an ordinary message instead of a WebSocket ping, if set (for
+    /// clients and TCP protocols that want application-level pings).
+    pub ping_data: Option<String>,
+    /// Events queued per worker link before client readers wait.
+    pub worker_queue: usize,
+    /// Events a worker may hold unacknowledged.
+    pub worker_inflight: usize,
+    /// Largest internal link frame, bytes.
+    pub link_max_frame: usize,
+    /// Link heartbeat interval, ms (a peer silent for 3 intervals is dropped).
+    pub link_heartbeat_ms: u64,
+    /// Grace period for a graceful stop, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            register: vec!["127.0.0.1:1236".into()],
+            secret: String::new(),
+            listen: vec!["ws://127.0.0.1:7272".into()],
+            internal: "127.0.0.1:2900".into(),
+            advertise: None,
+            max_connections: 200_000,
+            client_queue_messages: 1024,
+            client_queue_bytes: 1024 * 1024,
+            max_message_bytes: 64 * 1024,
+            ws_read_buffer: 4096,
+            handshake_timeout_ms: 10_000,
+            ping_interval_ms: 25_000,
+            ping_missed_limit: 2,
+            ping_data: None,
+            worker_queue: 1024,
+            worker_inflight: 4096,
+            link_max_frame: gw_protocol::frame::DEFAULT_MAX_FRAME,
+            link_heartbeat_ms: 2_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// A configuration that cannot work, with what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid gateway config: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl GatewayConfig {
+    /// Checks the configuration; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.len() < 8 {
+            return Err(bad("secret", "set a cluster secret of at least 8 characters (--secret or GW_SECRET)"));
+        }
+        if self.register.is_empty() {
+            return Err(bad("register", "give at least one register address (--register HOST:PORT)"));
+        }
+        if self.listen.is_empty() {
+            return Err(bad("listen", "give at least one public listener, e.g. --listen ws://0.0.0.0:7272"));
+        }
+        for l in &self.listen {
+            l.parse::<ListenSpec>().map_err(|e| bad("listen", e))?;
+        }
+        for (field, v) in [
+            ("max_connections", self.max_connections),
+            ("client_queue_messages", self.client_queue_messages),
+            ("client_queue_bytes", self.client_queue_bytes),
+            ("max_message_bytes", self.max_message_bytes),
+            ("worker_queue", self.worker_queue),
+            ("worker_inflight", self.worker_inflight),
+            ("ws_read_buffer", self.ws_read_buffer),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be greater than 0"));
+            }
+        }
+        if self.link_max_frame < 64 * 1024 {
+            return Err(bad("link_max_frame", "must be at least 65536"));
+        }
+        if self.link_heartbeat_ms < 100 {
+            return Err(bad("link_heartbeat_ms", "must be at least 100"));
+        }
+        if let Some(a) = &self.advertise {
+            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(bad("advertise", format!("`{a}`: expected HOST:PORT")));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn listeners(&self) -> Vec<ListenSpec> {
+        self.listen.iter().filter_map(|l| l.parse().ok()).collect()
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub(crate) fn ping_interval(&self) -> Option<Duration> {
+        (self.ping_interval_ms > 0).then(|| Duration::from_millis(self.ping_interval_ms))
+    }
+
+    pub(crate) fn link_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.link_heartbeat_ms)
+    }
+
+    pub(crate) fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}

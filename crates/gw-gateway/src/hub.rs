@@ -1,0 +1,633 @@
+//! The gateway's tables: connected clients, uid bindings, groups and
+//! sessions, and every command and query a worker can run against them.
+//!
+//! Each table is split into [`SHARDS`] shards, each behind its own mutex
+//! (goim's bucket idea), so two clients rarely contend. No lock is ever held
+//! across an `.await`: every operation here is synchronous and only ever
+//! `try_send`s to client queues. Lock order: a client shard may be held while
+//! taking a uid or group shard, never the other way round.
+//!
+//! Group and uid tables store each member's [`ClientSender`] next to its
+//! sequence number, so a fan-out takes one lock and pushes the same shared
+//! [`Outbound`] bytes to every member.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gw_protocol::domain::Payload;
+use gw_protocol::pb;
+use gw_protocol::{codes, ClientId, Command, GatewayId, Query, Scope};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::Metrics;
+
+/// Number of shards per table.
+pub(crate) const SHARDS: usize = 32;
+
+/// One message queued for a client's writer. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub(crate) enum Outbound {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+}
+
+impl Outbound {
+    /// Builds the outbound form of a payload once per fan-out (the UTF-8
+    /// check happens here, not once per recipient).
+    pub(crate) fn from_payload(p: &Payload) -> Option<Self> {
+        if p.binary {
+            Some(Outbound::Binary(p.data.clone()))
+        } else {
+            Utf8Bytes::try_from(p.data.clone()).ok().map(Outbound::Text)
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Outbound::Text(t) => t.len(),
+            Outbound::Binary(b) => b.len(),
+        }
+    }
+}
+
+/// Shared between a client's tasks and everyone who sends to it.
+#[derive(Debug, Default)]
+pub(crate) struct ClientControl {
+    /// Non-zero once the client must be closed, with this close code.
+    close_code: AtomicU16,
+    /// Cancelled when `close_code` is set: wakes the client's reader and writer.
+    pub(crate) closed: CancellationToken,
+    /// Last time anything arrived from the client, in ms since gateway start
+    /// (for the heartbeat check).
+    pub(crate) last_heard_ms: AtomicU64,
+    /// Bytes queued but not yet taken by the writer (bounds memory along
+    /// with the channel's message count).
+    pub(crate) queued_bytes: AtomicUsize,
+}
+
+impl ClientControl {
+    /// Asks the writer to close with `code`; the first code set wins.
+    pub(crate) fn close(&self, code: u16) {
+        if self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.closed.cancel();
+        }
+    }
+
+    pub(crate) fn close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+}
+
+/// A bounded handle to one client's writer.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientSender {
+    tx: mpsc::Sender<Outbound>,
+    pub(crate) control: Arc<ClientControl>,
+}
+
+/// Per-client queue limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) messages: usize,
+    pub(crate) bytes: usize,
+}
+
+impl ClientSender {
+    pub(crate) fn new(limits: QueueLimits) -> (Self, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(limits.messages.max(1));
+        (
+            ClientSender {
+                tx,
+                control: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Queues `msg` without waiting. A full queue means the client reads too
+    /// slowly: it is closed as a slow consumer (never a silent drop and
+    /// never a wait that would stall the fan-out for everyone else).
+    /// Returns whether the message was queued.
+    fn push(&self, msg: Outbound, max_bytes: usize, metrics: &Metrics) -> bool {
+        if self.control.close_code().is_some() {
+            return false;
+        }
+        let len = msg.len();
+        let queued = self.control.queued_bytes.fetch_add(len, Ordering::AcqRel) + len;
+        let ok = queued <= max_bytes && self.tx.try_send(msg).is_ok();
+        if ok {
+            metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.control.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            if !self.tx.is_closed() {
+                metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(queued_bytes = queued, "client outgoing queue full: closing as slow consumer");
+                self.control.close(codes::CLOSE_SLOW_CONSUMER);
+            }
+        }
+        ok
+    }
+}
+
+/// What the gateway keeps per connected client.
+#[derive(Debug)]
+pub(crate) struct ClientEntry {
+    pub(crate) sender: ClientSender,
+    pub(crate) remote_addr: SocketAddr,
+    pub(crate) protocol: &'static str,
+    pub(crate) uid: Option<Arc<str>>,
+    pub(crate) groups: HashSet<Arc<str>>,
+    /// The session as serialized JSON (empty = `{}`), shared with every
+    /// event that carries it.
+    pub(crate) session: Bytes,
+}
+
+/// What is left of a client after it is removed.
+#[derive(Debug)]
+pub(crate) struct RemovedClient {
+    pub(crate) uid: Option<Arc<str>>,
+    pub(crate) groups: Vec<String>,
+    pub(crate) session: Bytes,
+}
+
+struct Sharded<K, V> {
+    shards: Box<[Mutex<HashMap<K, V>>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    fn new() -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V>> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+}
+
+type Members = HashMap<u64, ClientSender>;
+
+/// The gateway's client tables.
+pub(crate) struct Hub {
+    pub(crate) gateway_id: GatewayId,
+    next_seq: AtomicU64,
+    clients: Sharded<u64, ClientEntry>,
+    uids: Sharded<Arc<str>, Members>,
+    groups: Sharded<Arc<str>, Members>,
+    /// Limit on bytes queued per client.
+    max_queue_bytes: usize,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// A command that names something it cannot act on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommandError {
+    #[error("client {0} belongs to another gateway")]
+    ForeignClient(ClientId),
+}
+
+impl Hub {
+    pub(crate) fn new(gateway_id: GatewayId, max_queue_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        Hub {
+            gateway_id,
+            next_seq: AtomicU64::new(1),
+            clients: Sharded::new(),
+            uids: Sharded::new(),
+            groups: Sharded::new(),
+            max_queue_bytes,
+            metrics,
+        }
+    }
+
+    /// Registers a new client and returns its id.
+    pub(crate) fn add_client(
+        &self,
+        sender: ClientSender,
+        remote_addr: SocketAddr,
+        protocol: &'static str,
+    ) -> ClientId {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let id = ClientId::new(self.gateway_id, seq).expect("sequence starts at 1");
+        self.clients.shard(&seq).lock().insert(
+            seq,
+            ClientEntry {
+                sender,
+                remote_addr,
+                protocol,
+                uid: None,
+                groups: HashSet::new(),
+                session: Bytes::new(),
+            },
+        );
+        id
+    }
+
+    /// Removes a client from every table.
+    pub(crate) fn remove_client(&self, id: ClientId) -> Option<RemovedClient> {
+        let seq = id.seq();
+        let entry = self.clients.shard(&seq).lock().remove(&seq)?;
+        if let Some(uid) = &entry.uid {
+            remove_member(&self.uids, uid, seq);
+        }
+        let mut groups = Vec::with_capacity(entry.groups.len());
+        for g in entry.groups {
+            remove_member(&self.groups, &g, seq);
+            groups.push(g.to_string());
+        }
+        groups.sort();
+        Some(RemovedClient {
+            uid: entry.uid,
+            groups,
+            session: entry.session,
+        })
+    }
+
+    /// The client's current session bytes.
+    pub(crate) fn session(&self, id: ClientId) -> Bytes {
+        let seq = id.seq();
+        self.clients
+            .shard(&seq)
+            .lock()
+            .get(&seq)
+            .map(|e| e.session.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn client_count(&self) -> usize {
+        self.clients.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Asks every client to close with `code` (graceful shutdown).
+    pub(crate) fn close_all(&self, code: u16) {
+        for shard in self.clients.shards.iter() {
+            for entry in shard.lock().values() {
+                entry.sender.control.close(code);
+            }
+        }
+    }
+
+    fn local_seq(&self, id: ClientId) -> Result<u64, CommandError> {
+        if id.gateway() == self.gateway_id {
+            Ok(id.seq())
+        } else {
+            Err(CommandError::ForeignClient(id))
+        }
+    }
+
+    fn push(&self, sender: &ClientSender, msg: &Outbound) -> bool {
+        sender.push(msg.clone(), self.max_queue_bytes, &self.metrics)
+    }
+
+    /// Runs one command. Returns how many client queues a send reached.
+    pub(crate) fn execute(&self, cmd: Command) -> Result<usize, CommandError> {
+        match cmd {
+            Command::SendToClients {
+                client_ids,
+                payload,
+            } => {
+                let Some(msg) = Outbound::from_payload(&payload) else {
+                    return Ok(0);
+                };
+                let mut n = 0;
+                for id in client_ids {
+                    // A list may span gateways: each gateway takes its own.
+                    let Ok(seq) = self.local_seq(id) else { continue };
+                    let sender = self
+                        .clients
+                        .shard(&seq)
+                        .lock()
+                        .get(&seq)
+                        .map(|e| e.sender.clone());
+                    if let Some(s) = sender {
+                        n += self.push(&s, &msg) as usize;
+                    }
+                }
+                Ok(n)
+            }
+            Command::SendToUids { uids, payload } => {
+                let Some(msg) = Outbound::from_payload(&payload) else {
+                    return Ok(0);
+                };
+                let mut n = 0;
+                for uid in uids {
+                    let shard = self.uids.shard(uid.as_str()).lock();
+                    if let Some(members) = shard.get(uid.as_str()) {
+                        for s in members.values() {
+                            n += self.push(s, &msg) as usize;
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            Command::SendToGroups {
+                groups,
+                payload,
+                exclude,
+            } => {
+                let Some(msg) = Outbound::from_payload(&payload) else {
+                    return Ok(0);
+                };
+                let exclude = self.local_set(&exclude);
+                let mut n = 0;
+                // A client in several of the groups gets the message once.
+                let mut seen = HashSet::new();
+                let dedup = groups.len() > 1;
+                for g in groups {
+                    let shard = self.groups.shard(g.as_str()).lock();
+                    if let Some(members) = shard.get(g.as_str()) {
+                        for (seq, s) in members {
+                            if exclude.contains(seq) || (dedup && !seen.insert(*seq)) {
+                                continue;
+                            }
+                            n += self.push(s, &msg) as usize;
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            Command::SendToAll { payload, exclude } => {
+                let Some(msg) = Outbound::from_payload(&payload) else {
+                    return Ok(0);
+                };
+                let exclude = self.local_set(&exclude);
+                let mut n = 0;
+                for shard in self.clients.shards.iter() {
+                    for (seq, e) in shard.lock().iter() {
+                        if !exclude.contains(seq) {
+                            n += self.push(&e.sender, &msg) as usize;
+                        }
+                    }
+                }
+                Ok(n)
+            }
+            Command::BindUid { client_id, uid } => {
+                let seq = self.local_seq(client_id)?;
+                let uid: Arc<str> = uid.into();
+                let mut clients = self.clients.shard(&seq).lock();
+                let Some(entry) = clients.get_mut(&seq) else {
+                    return Ok(0);
+                };
+                // One uid per client: binding again moves it.
+                if let Some(old) = entry.uid.take() {
+                    remove_member(&self.uids, &old, seq);
+                }
+                self.uids
+                    .shard(&*uid)
+                    .lock()
+                    .entry(uid.clone())
+                    .or_default()
+                    .insert(seq, entry.sender.clone());
+                entry.uid = Some(uid);
+                Ok(1)
+            }
+            Command::UnbindUid { client_id } => {
+                let seq = self.local_seq(client_id)?;
+                let mut clients = self.clients.shard(&seq).lock();
+                if let Some(old) = clients.get_mut(&seq).and_then(|e| e.uid.take()) {
+                    remove_member(&self.uids, &old, seq);
+                    return Ok(1);
+                }
+                Ok(0)
+            }
+            Command::JoinGroup { client_id, group } => {
+                let seq = self.local_seq(client_id)?;
+                let group: Arc<str> = group.into();
+                let mut clients = self.clients.shard(&seq).lock();
+                let Some(entry) = clients.get_mut(&seq) else {
+                    return Ok(0);
+                };
+                if entry.groups.insert(group.clone()) {
+                    self.groups
+                        .shard(&*group)
+                        .lock()
+                        .entry(group)
+                        .or_default()
+                        .insert(seq, entry.sender.clone());
+                }
+                Ok(1)
+            }
+            Command::LeaveGroup { client_id, group } => {
+                let seq = self.local_seq(client_id)?;
+                let mut clients = self.clients.shard(&seq).lock();
+                let Some(entry) = clients.get_mut(&seq) else {
+                    return Ok(0);
+                };
+                if entry.groups.remove(group.as_str()) {
+                    remove_member(&self.groups, group.as_str(), seq);
+                    return Ok(1);
+                }
+                Ok(0)
+            }
+            Command::Ungroup { group } => {
+                let members = self.groups.shard(group.as_str()).lock().remove(group.as_str());
+                let members = members.unwrap_or_default();
+                for seq in members.keys() {
+                    if let Some(e) = self.clients.shard(seq).lock().get_mut(seq) {
+                        e.groups.remove(group.as_str());
+                    }
+                }
+                Ok(members.len())
+            }
+            Command::CloseClient {
+                client_id,
+                final_message,
+                immediate,
+            } => {
+                let seq = self.local_seq(client_id)?;
+                let sender = self
+                    .clients
+                    .shard(&seq)
+                    .lock()
+                    .get(&seq)
+                    .map(|e| e.sender.clone());
+                let Some(sender) = sender else { return Ok(0) };
+                if !immediate {
+                    if let Some(msg) = final_message.as_ref().and_then(Outbound::from_payload) {
+                        self.push(&sender, &msg);
+                    }
+                }
+                // The writer sends what is queued before the close frame
+                // unless `immediate`; see client::writer.
+                sender.control.close(if immediate {
+                    CLOSE_IMMEDIATE
+                } else {
+                    codes::CLOSE_BY_APPLICATION
+                });
+                Ok(1)
+            }
+            Command::UpdateSession {
+                client_id,
+                replace,
+                set,
+                remove,
+            } => {
+                let seq = self.local_seq(client_id)?;
+                let mut clients = self.clients.shard(&seq).lock();
+                let Some(entry) = clients.get_mut(&seq) else {
+                    return Ok(0);
+                };
+                let mut session = if replace {
+                    Map::new()
+                } else {
+                    parse_session(&entry.session)
+                };
+                session.extend(set);
+                for k in &remove {
+                    session.remove(k);
+                }
+                entry.session = if session.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::from(Value::Object(session).to_string())
+                };
+                Ok(1)
+            }
+        }
+    }
+
+    fn local_set(&self, ids: &[ClientId]) -> HashSet<u64> {
+        ids.iter()
+            .filter(|id| id.gateway() == self.gateway_id)
+            .map(|id| id.seq())
+            .collect()
+    }
+
+    fn record(&self, seq: u64, e: &ClientEntry, q: &Query) -> pb::ClientRecord {
+        let mut groups: Vec<String> = if q.with_groups {
+            e.groups.iter().map(|g| g.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        groups.sort();
+        pb::ClientRecord {
+            client_id: ClientId::new(self.gateway_id, seq)
+                .expect("stored sequences are non-zero")
+                .to_string(),
+            uid: if q.with_uid {
+                e.uid.as_deref().unwrap_or_default().to_string()
+            } else {
+                String::new()
+            },
+            session: if q.with_session {
+                e.session.clone()
+            } else {
+                Bytes::new()
+            },
+            groups,
+        }
+    }
+
+    /// Builds a bucket from a set of member sequences.
+    fn bucket_of(&self, key: &str, seqs: impl Iterator<Item = u64>, q: &Query) -> pb::Bucket {
+        let mut bucket = pb::Bucket {
+            key: key.to_string(),
+            ..Default::default()
+        };
+        for seq in seqs {
+            if q.count_only {
+                bucket.count += 1;
+                continue;
+            }
+            if let Some(e) = self.clients.shard(&seq).lock().get(&seq) {
+                bucket.count += 1;
+                bucket.clients.push(self.record(seq, e, q));
+            }
+        }
+        bucket
+    }
+
+    fn member_seqs(table: &Sharded<Arc<str>, Members>, key: &str) -> Vec<u64> {
+        table
+            .shard(key)
+            .lock()
+            .get(key)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Answers a query about this gateway's clients.
+    pub(crate) fn query(&self, q: &Query) -> Vec<pb::Bucket> {
+        match &q.scope {
+            Scope::All => {
+                let mut bucket = pb::Bucket::default();
+                for shard in self.clients.shards.iter() {
+                    let shard = shard.lock();
+                    bucket.count += shard.len() as u64;
+                    if !q.count_only {
+                        bucket
+                            .clients
+                            .extend(shard.iter().map(|(seq, e)| self.record(*seq, e, q)));
+                    }
+                }
+                vec![bucket]
+            }
+            Scope::Groups(keys) => keys
+                .iter()
+                .map(|k| self.bucket_of(k, Self::member_seqs(&self.groups, k).into_iter(), q))
+                .collect(),
+            Scope::Uids(keys) => keys
+                .iter()
+                .map(|k| self.bucket_of(k, Self::member_seqs(&self.uids, k).into_iter(), q))
+                .collect(),
+            Scope::ClientIds(ids) => ids
+                .iter()
+                .filter(|id| id.gateway() == self.gateway_id)
+                .map(|id| self.bucket_of(&id.to_string(), std::iter::once(id.seq()), q))
+                .filter(|b| b.count > 0)
+                .collect(),
+            Scope::EachGroup => {
+                let mut all: Vec<(String, Vec<u64>)> = Vec::new();
+                for shard in self.groups.shards.iter() {
+                    for (g, m) in shard.lock().iter() {
+                        all.push((g.to_string(), m.keys().copied().collect()));
+                    }
+                }
+                all.sort();
+                all.into_iter()
+                    .map(|(g, seqs)| self.bucket_of(&g, seqs.into_iter(), q))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Close code the writer treats as "drop now, skip the queue".
+pub(crate) const CLOSE_IMMEDIATE: u16 = 4501;
+
+fn remove_member(table: &Sharded<Arc<str>, Members>, key: &str, seq: u64) {
+    let mut shard = table.shard(key).lock();
+    if let Some(members) = shard.get_mut(key) {
+        members.remove(&seq);
+        if members.is_empty() {
+            shard.remove(key);
+        }
+    }
+}
+
+pub(crate) fn parse_session(b: &[u8]) -> Map<String, Value> {
+    if b.is_empty() {
+        return Map::new();
+    }
+    match serde_json::from_slice(b) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}

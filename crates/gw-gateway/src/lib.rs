@@ -1,0 +1,288 @@
+//! The gateway: holds client sockets, tags each with a cluster-unique
+//! `client_id`, keeps uid bindings, groups and sessions, forwards client
+//! events to workers and executes their commands.
+//!
+//! Where things live:
+//! * [`client`]: public listeners and each client's reader/writer tasks.
+//! * [`routing`]: which worker a client's event goes to (sticky, bounded).
+//! * `worker_link`: the actor serving one worker's link.
+//! * `hub`: the sharded tables of clients, uids, groups and sessions, and the
+//!   execution of commands and queries.
+//! * [`config`]: [`GatewayConfig`].
+//!
+//! [`run`] serves until its shutdown token is cancelled, then stops
+//! gracefully: stop accepting, close every client with 1001 ("going away,
+//! reconnect"), report every close to the workers, say goodbye on every link.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+mod hub;
+pub mod metrics;
+pub mod routing;
+mod worker_link;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gw_link::discovery::{self, DiscoveryConfig, GatewayList};
+use gw_protocol::pb::{GatewayInfo, Role};
+use gw_protocol::{codes, GatewayId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{GatewayConfig, ListenSpec, Protocol};
+pub use metrics::Metrics;
+
+use hub::Hub;
+use routing::Router;
+
+/// The sockets a gateway serves, bound before [`run`] so that callers (and
+/// tests, with port 0) know the real addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    pub public: Vec<(ListenSpec, TcpListener)>,
+    pub internal: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every listener of `config`.
+    pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
+        let mut public = Vec::new();
+        for spec in config.listeners() {
+            let l = TcpListener::bind(&spec.addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("binding public listener {spec}: {e}"))
+            })?;
+            public.push((spec, l));
+        }
+        let internal = TcpListener::bind(&config.internal).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("binding internal listener {}: {e}", config.internal))
+        })?;
+        Ok(Listeners { public, internal })
+    }
+
+    /// The public listeners as URLs with the ports actually bound.
+    pub fn public_urls(&self) -> Vec<String> {
+        self.public
+            .iter()
+            .map(|(spec, l)| {
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| spec.addr.clone());
+                format!("{}://{addr}", spec.protocol.name())
+            })
+            .collect()
+    }
+
+    /// The internal listener's bound address.
+    pub fn internal_addr(&self) -> std::io::Result<SocketAddr> {
+        self.internal.local_addr()
+    }
+}
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared by every task of one gateway.
+pub(crate) struct State {
+    pub(crate) config: GatewayConfig,
+    pub(crate) hub: Hub,
+    pub(crate) router: Router,
+    /// Cancelled when the gateway stops accepting (the start of shutdown).
+    pub(crate) accept_stop: CancellationToken,
+    /// Cancelled after clients are closed and their closes reported: worker
+    /// links then flush and say goodbye.
+    pub(crate) links_shutdown: CancellationToken,
+    pub(crate) open_connections: AtomicUsize,
+    started: Instant,
+}
+
+impl State {
+    /// Milliseconds since the gateway started (a cheap clock for heartbeats).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// A fresh gateway id: 48 random bits, never zero.
+fn new_gateway_id() -> GatewayId {
+    loop {
+        if let Some(id) = GatewayId::new(rand::random::<u64>() & GatewayId::MAX) {
+            return id;
+        }
+    }
+}
+
+/// What a running gateway exposes to whoever started it.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    pub gateway_id: GatewayId,
+    pub metrics: Arc<Metrics>,
+    /// The gateway list learned from the register(s).
+    pub peers: watch::Receiver<GatewayList>,
+}
+
+/// Serves until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let (ready_tx, _ready_rx) = tokio::sync::oneshot::channel();
+    run_with(config, listeners, shutdown, ready_tx).await
+}
+
+/// Like [`run`], and hands a [`GatewayHandle`] to `ready` once serving.
+pub async fn run_with(
+    config: GatewayConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<GatewayHandle>,
+) -> Result<(), GatewayError> {
+    config.validate()?;
+    let gateway_id = new_gateway_id();
+    let internal_bound = listeners.internal_addr()?;
+    let advertise = advertise_addr(config.advertise.as_deref(), internal_bound);
+    let public_urls = listeners.public_urls();
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(State {
+        hub: Hub::new(gateway_id, config.client_queue_bytes, metrics.clone()),
+        router: Router::new(),
+        accept_stop: shutdown.clone(),
+        links_shutdown: CancellationToken::new(),
+        open_connections: AtomicUsize::new(0),
+        started: Instant::now(),
+        config,
+    });
+    tracing::info!(gateway = %gateway_id, internal = %internal_bound, %advertise, public = ?public_urls, "gateway listening");
+
+    let links = TaskTracker::new();
+    let clients = TaskTracker::new();
+    let secret = state.config.secret.as_bytes().to_vec();
+
+    // Internal listener: worker links.
+    {
+        let state = state.clone();
+        let links2 = links.clone();
+        let listener = listeners.internal;
+        let node_id = gateway_id.to_string();
+        links.spawn(async move {
+            loop {
+                let (stream, addr) = tokio::select! {
+                    _ = state.accept_stop.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "internal accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let state = state.clone();
+                let secret = secret.clone();
+                let node_id = node_id.clone();
+                links2.spawn(async move {
+                    let accepted = gw_link::accept(
+                        stream,
+                        &secret,
+                        &node_id,
+                        &[Role::Worker, Role::PushClient],
+                        state.config.link_max_frame,
+                        state.config.handshake_timeout(),
+                    )
+                    .await;
+                    match accepted {
+                        Ok((link, peer)) => {
+                            worker_link::serve(link, peer, state.clone(), state.links_shutdown.clone()).await
+                        }
+                        Err(e) => {
+                            state.hub.metrics.links_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!(%addr, error = %e, "internal link refused");
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    // Public listeners.
+    for (spec, listener) in listeners.public {
+        clients.spawn(client::accept_loop(listener, spec, state.clone(), clients.clone()));
+    }
+
+    // Discovery: announce ourselves, learn our peers.
+    let discovery_stop = CancellationToken::new();
+    let (peers, _registers_up) = discovery::start(
+        DiscoveryConfig {
+            registers: state.config.register.clone(),
+            secret: state.config.secret.as_bytes().to_vec(),
+            role: Role::Gateway,
+            node_id: gateway_id.to_string(),
+            announce: Some(GatewayInfo {
+                gateway_id: gateway_id.to_string(),
+                internal_addr: advertise.clone(),
+                public_urls,
+            }),
+            heartbeat: state.config.link_heartbeat(),
+            connect_timeout: Duration::from_secs(3),
+        },
+        discovery_stop.clone(),
+    );
+    let _ = ready.send(GatewayHandle {
+        gateway_id,
+        metrics: metrics.clone(),
+        peers,
+    });
+
+    shutdown.cancelled().await;
+    let grace = state.config.shutdown_grace();
+    tracing::info!(gateway = %gateway_id, clients = state.hub.client_count(), "gateway stopping: closing clients");
+    // Leave the register first so workers stop sending us new work.
+    discovery_stop.cancel();
+    state.hub.close_all(codes::CLOSE_GOING_AWAY);
+    clients.close();
+    if tokio::time::timeout(grace, clients.wait()).await.is_err() {
+        tracing::warn!("grace period over with clients still closing");
+    }
+    state.links_shutdown.cancel();
+    links.close();
+    if tokio::time::timeout(Duration::from_secs(2), links.wait()).await.is_err() {
+        tracing::warn!("worker links did not close in time");
+    }
+    tracing::info!(gateway = %gateway_id, "gateway stopped");
+    Ok(())
+}
+
+/// The address workers dial: the configured advertise address, with its
+/// port filled in from the bound one when it is 0, or else the bound address.
+fn advertise_addr(configured: Option<&str>, bound: SocketAddr) -> String {
+    match configured {
+        Some(a) => match a.rsplit_once(':') {
+            Some((host, "0")) => format!("{host}:{}", bound.port()),
+            _ => a.to_string(),
+        },
+        None => bound.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_fills_in_the_port() {
+        let bound: SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        assert_eq!(advertise_addr(Some("10.0.0.5:0"), bound), "10.0.0.5:4000");
+        assert_eq!(advertise_addr(Some("10.0.0.5:2900"), bound), "10.0.0.5:2900");
+        assert_eq!(advertise_addr(None, bound), "0.0.0.0:4000");
+    }
+}

@@ -1,0 +1,132 @@
+//! `gw-gateway`: flags and config in, `gw_gateway::run` out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gw_gateway::{GatewayConfig, Listeners};
+use tokio_util::sync::CancellationToken;
+
+/// gateworker gateway: holds client connections and routes them to workers.
+#[derive(Debug, Parser)]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (link protocol v1)"))]
+struct Cli {
+    /// TOML config file; environment variables and flags override it.
+    #[arg(long, env = "GW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Register address HOST:PORT (repeat for several registers).
+    #[arg(long, env = "GW_REGISTER", value_delimiter = ',')]
+    register: Vec<String>,
+    /// Cluster secret shared by every daemon.
+    #[arg(long, env = "GW_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Public listener URL: ws://HOST:PORT, text://HOST:PORT or frame://HOST:PORT (repeatable).
+    #[arg(long, env = "GW_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+    /// Internal listener for worker links, HOST:PORT.
+    #[arg(long, env = "GW_INTERNAL")]
+    internal: Option<String>,
+    /// Address workers dial for the internal listener, when it differs from --internal.
+    #[arg(long, env = "GW_ADVERTISE")]
+    advertise: Option<String>,
+    /// Most client connections held at once.
+    #[arg(long, env = "GW_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Client heartbeat interval in ms (0: off).
+    #[arg(long, env = "GW_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// Missed heartbeat intervals before a silent client is closed.
+    #[arg(long, env = "GW_PING_MISSED_LIMIT")]
+    ping_missed_limit: Option<u32>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "GW_LOG_JSON")]
+    log_json: bool,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
+    let mut config: GatewayConfig = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => GatewayConfig::default(),
+    };
+    if !cli.register.is_empty() {
+        config.register = cli.register.clone();
+    }
+    if let Some(s) = &cli.secret {
+        config.secret = s.clone();
+    }
+    if !cli.listen.is_empty() {
+        config.listen = cli.listen.clone();
+    }
+    if let Some(v) = &cli.internal {
+        config.internal = v.clone();
+    }
+    if let Some(v) = &cli.advertise {
+        config.advertise = Some(v.clone());
+    }
+    if let Some(v) = cli.max_connections {
+        config.max_connections = v;
+    }
+    if let Some(v) = cli.ping_interval_ms {
+        config.ping_interval_ms = v;
+    }
+    if let Some(v) = cli.ping_missed_limit {
+        config.ping_missed_limit = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gw-gateway: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gw-gateway: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match gw_gateway::run(config, listeners, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gw-gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: stopping gracefully");
+    shutdown.cancel();
+}

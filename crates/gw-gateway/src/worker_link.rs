@@ -1,0 +1,240 @@
+//! One worker's link, as seen from the gateway: a single actor task owns the
+//! socket, writes events (batched: one flush for everything ready), reads
+//! acknowledgements, commands and queries, and keeps the link alive.
+//!
+//! At most `worker_inflight` events are unacknowledged at a time; beyond
+//! that the actor stops taking events from its queue, the queue fills and
+//! client readers wait (back-pressure instead of unbounded buffers).
+//! When the link ends, every event the worker had not acknowledged, and
+//! every event still queued for it, is routed again to another worker —
+//! the former flagged `redelivered` (at-least-once delivery).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use gw_link::{error_frame, frame, FramedLink, Peer};
+use gw_protocol::pb::{self, link_frame::Body};
+use gw_protocol::{codes, Command, Query};
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::{RoutedEvent, WorkerSlot};
+use crate::State;
+
+/// Why a worker link ended.
+#[derive(Debug)]
+enum LinkEnd {
+    Shutdown,
+    Failed(String),
+}
+
+/// Serves one authenticated worker link until it ends.
+pub(crate) async fn serve(
+    mut link: FramedLink,
+    peer: Peer,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
+    let cfg = &state.config;
+    let (slot, mut queue) = state.router.add(peer.node_id.clone(), cfg.worker_queue);
+    let metrics = state.hub.metrics.clone();
+    metrics.worker_links.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(worker = %peer.node_id, addr = %peer.addr, "worker link up");
+
+    let window = cfg.worker_inflight.max(1);
+    let mut inflight: BTreeMap<u64, RoutedEvent> = BTreeMap::new();
+    let mut next_id: u64 = 1;
+    let mut last_heard = Instant::now();
+    let heartbeat = cfg.link_heartbeat();
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break LinkEnd::Shutdown,
+            ev = queue.recv(), if inflight.len() < window => {
+                let Some(mut ev) = ev else { break LinkEnd::Shutdown };
+                // Take everything ready (up to the window) and write it with
+                // one flush.
+                let mut batch = 0;
+                let mut failed = None;
+                loop {
+                    ev.event.id = next_id;
+                    next_id += 1;
+                    let f = frame(Body::Event(ev.event.clone()));
+                    inflight.insert(ev.event.id, ev);
+                    batch += 1;
+                    if let Err(e) = link.feed(f).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                    if inflight.len() >= window {
+                        break;
+                    }
+                    match queue.try_recv() {
+                        Ok(next) => ev = next,
+                        Err(_) => break,
+                    }
+                }
+                metrics.events_out.fetch_add(batch, Ordering::Relaxed);
+                if let Some(e) = failed {
+                    break LinkEnd::Failed(e);
+                }
+                if let Err(e) = link.flush().await {
+                    break LinkEnd::Failed(e.to_string());
+                }
+            }
+            f = link.next() => {
+                let f = match f {
+                    None => break LinkEnd::Failed("worker closed the link".into()),
+                    Some(Err(e)) => {
+                        let code = match &e { gw_link::LinkError::Frame(f) => f.code(), _ => codes::LINK_MALFORMED };
+                        tracing::warn!(worker = %peer.node_id, addr = %peer.addr, error = %e, "bad frame from worker");
+                        let _ = link.send(error_frame(code, e.to_string())).await;
+                        break LinkEnd::Failed(e.to_string());
+                    }
+                    Some(Ok(f)) => f,
+                };
+                last_heard = Instant::now();
+                match handle_frame(&state, &peer, &slot, f, &mut inflight, &mut link).await {
+                    Ok(None) => {}
+                    Ok(Some(end)) => break end,
+                    Err(e) => break LinkEnd::Failed(e),
+                }
+            }
+            _ = tick.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    let _ = link.send(error_frame(codes::LINK_HEARTBEAT_TIMEOUT, "no frame within 3 heartbeats")).await;
+                    break LinkEnd::Failed("heartbeat timeout".into());
+                }
+                if let Err(e) = link.send(frame(Body::Ping(pb::Ping { nonce: 0 }))).await {
+                    break LinkEnd::Failed(e.to_string());
+                }
+            }
+        }
+    };
+
+    // Out of routing first, so that nobody picks this link again, then close
+    // the queue and collect what it still holds.
+    state.router.remove(&slot);
+    metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
+    queue.close();
+    let mut pending: Vec<RoutedEvent> = inflight
+        .into_values()
+        .map(|mut ev| {
+            ev.event.redelivered = true;
+            ev
+        })
+        .collect();
+    while let Ok(ev) = queue.try_recv() {
+        pending.push(ev);
+    }
+    match &end {
+        LinkEnd::Shutdown => {
+            let _ = link
+                .send(frame(Body::Goodbye(pb::Goodbye {
+                    reason: "gateway shutting down".into(),
+                })))
+                .await;
+            tracing::info!(worker = %peer.node_id, "worker link closed (shutdown)");
+        }
+        LinkEnd::Failed(e) => {
+            tracing::warn!(worker = %peer.node_id, error = %e, pending = pending.len(), "worker link lost")
+        }
+    }
+    if pending.is_empty() {
+        return;
+    }
+    let redelivered = pending.iter().filter(|e| e.event.redelivered).count() as u64;
+    metrics
+        .events_redelivered
+        .fetch_add(redelivered, Ordering::Relaxed);
+    // Re-route in original order; each client's events stay in order among
+    // themselves. Runs detached: it may have to wait for a worker.
+    let state2 = state.clone();
+    let stop = state.links_shutdown.clone();
+    tokio::spawn(async move {
+        for ev in pending {
+            let mut sticky = None;
+            if state2.router.dispatch(&mut sticky, ev, &stop).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Handles one frame from the worker. `Ok(Some(_))` ends the link.
+async fn handle_frame(
+    state: &State,
+    peer: &Peer,
+    slot: &WorkerSlot,
+    f: pb::LinkFrame,
+    inflight: &mut BTreeMap<u64, RoutedEvent>,
+    link: &mut FramedLink,
+) -> Result<Option<LinkEnd>, String> {
+    let metrics = &state.hub.metrics;
+    match f.body {
+        Some(Body::Ack(a)) => {
+            for id in a.ids {
+                inflight.remove(&id);
+            }
+        }
+        Some(Body::Command(c)) => {
+            metrics.commands_in.fetch_add(1, Ordering::Relaxed);
+            let result = Command::try_from(c)
+                .map_err(|e| e.to_string())
+                .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
+            if let Err(e) = result {
+                metrics.commands_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = %peer.node_id, error = %e, "command refused");
+                link.send(frame(Body::Notice(pb::Notice {
+                    code: codes::NOTICE_BAD_COMMAND,
+                    message: e,
+                })))
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+        }
+        Some(Body::Query(q)) => {
+            metrics.queries_in.fetch_add(1, Ordering::Relaxed);
+            let id = q.id;
+            let reply = match Query::try_from(q) {
+                Ok(q) => pb::QueryReply {
+                    id,
+                    buckets: state.hub.query(&q),
+                    ..Default::default()
+                },
+                Err(e) => pb::QueryReply {
+                    id,
+                    error_code: codes::NOTICE_BAD_QUERY,
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            };
+            link.send(frame(Body::QueryReply(reply)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Some(Body::Ping(p)) => {
+            link.send(frame(Body::Pong(pb::Pong { nonce: p.nonce })))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Some(Body::Pong(_)) => {}
+        Some(Body::Goodbye(g)) => {
+            // A draining worker finishes what it has; new events for its
+            // clients go elsewhere. The link stays up until it closes it.
+            tracing::info!(worker = %peer.node_id, reason = %g.reason, "worker draining");
+            state.router.drain(slot);
+        }
+        _ => {
+            let _ = link
+                .send(error_frame(codes::LINK_UNEXPECTED, "unexpected frame on a worker link"))
+                .await;
+            return Ok(Some(LinkEnd::Failed("unexpected frame".into())));
+        }
+    }
+    Ok(None)
+}

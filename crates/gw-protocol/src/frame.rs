@@ -1,0 +1,144 @@
+//! Link framing: `u32` big-endian length, then one protobuf [`LinkFrame`].
+//!
+//! Modelled on mini-redis' `Frame::check`: [`decode`] returns `Ok(None)` when
+//! the buffer does not hold a whole frame yet ("need more bytes" is not an
+//! error), and refuses a declared length above the cap *before* reserving
+//! memory for it, so a hostile peer cannot make us allocate 4 GiB.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+use crate::pb::LinkFrame;
+
+/// Bytes in the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Default cap on one frame's body (16 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Cap used before the peer has authenticated: a handshake frame is tiny.
+pub const HANDSHAKE_MAX_FRAME: usize = 4 * 1024;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed protobuf frame: {0}")]
+    Malformed(#[from] prost::DecodeError),
+    #[error("empty frame: no message body")]
+    Empty,
+}
+
+impl FrameError {
+    /// The link error code to report to the peer.
+    pub fn code(&self) -> u32 {
+        match self {
+            FrameError::TooLarge { .. } => crate::codes::LINK_FRAME_TOO_LARGE,
+            FrameError::Malformed(_) | FrameError::Empty => crate::codes::LINK_MALFORMED,
+        }
+    }
+}
+
+/// Appends `frame` with its length prefix to `dst`.
+///
+/// Fails only if the encoded frame is larger than `max` (the receiver would
+/// refuse it anyway; better to tell the caller).
+pub fn encode(frame: &LinkFrame, max: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
+    let len = frame.encoded_len();
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    dst.reserve(HEADER_LEN + len);
+    dst.put_u32(len as u32);
+    frame
+        .encode(dst)
+        .expect("reserved enough capacity for the frame");
+    Ok(())
+}
+
+/// Takes one frame off the front of `src`, if a whole one is there.
+pub fn decode(src: &mut BytesMut, max: usize) -> Result<Option<LinkFrame>, FrameError> {
+    if src.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    if src.len() < HEADER_LEN + len {
+        // Reserve only what the (already bounded) frame needs.
+        src.reserve(HEADER_LEN + len - src.len());
+        return Ok(None);
+    }
+    src.advance(HEADER_LEN);
+    // `freeze` makes the protobuf `bytes` fields slices of this buffer
+    // instead of copies.
+    let body = src.split_to(len).freeze();
+    let frame = LinkFrame::decode(body)?;
+    if frame.body.is_none() {
+        return Err(FrameError::Empty);
+    }
+    Ok(Some(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{self, link_frame::Body};
+
+    fn ping(n: u64) -> LinkFrame {
+        LinkFrame {
+            body: Some(Body::Ping(pb::Ping { nonce: n })),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_partial_input() {
+        let mut buf = BytesMut::new();
+        encode(&ping(7), DEFAULT_MAX_FRAME, &mut buf).unwrap();
+        encode(&ping(8), DEFAULT_MAX_FRAME, &mut buf).unwrap();
+        let whole = buf.clone();
+        // Feed one byte at a time: never an error, frames come out in order.
+        let mut src = BytesMut::new();
+        let mut got = Vec::new();
+        for b in whole.iter() {
+            src.put_u8(*b);
+            while let Some(f) = decode(&mut src, DEFAULT_MAX_FRAME).unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, vec![ping(7), ping(8)]);
+        assert!(src.is_empty());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut src = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1][..]);
+        let err = decode(&mut src, DEFAULT_MAX_FRAME).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len: 0xffff_ffff, .. }));
+        assert!(src.capacity() < 1024, "reserved {} bytes", src.capacity());
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let mut src = BytesMut::from(&[0, 0, 0, 3, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            decode(&mut src, DEFAULT_MAX_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut empty = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert!(matches!(
+            decode(&mut empty, DEFAULT_MAX_FRAME),
+            Err(FrameError::Empty)
+        ));
+    }
+
+    #[test]
+    fn encode_refuses_frames_over_the_cap() {
+        let mut buf = BytesMut::new();
+        let err = encode(&ping(u64::MAX), 3, &mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }));
+        assert!(buf.is_empty());
+    }
+}
