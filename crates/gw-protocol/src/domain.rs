@@ -48,6 +48,49 @@ impl Payload {
     }
 }
 
+impl From<&str> for Payload {
+    fn from(s: &str) -> Self {
+        Payload::text(s)
+    }
+}
+
+impl From<String> for Payload {
+    fn from(s: String) -> Self {
+        Payload::text(s)
+    }
+}
+
+impl From<&String> for Payload {
+    fn from(s: &String) -> Self {
+        Payload::text(s.as_str())
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(b: Vec<u8>) -> Self {
+        Payload::binary(b)
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        Payload::binary(b)
+    }
+}
+
+impl From<&serde_json::Value> for Payload {
+    /// A JSON value as a text payload.
+    fn from(v: &serde_json::Value) -> Self {
+        Payload::text(v.to_string())
+    }
+}
+
+impl From<serde_json::Value> for Payload {
+    fn from(v: serde_json::Value) -> Self {
+        Payload::text(v.to_string())
+    }
+}
+
 /// A protobuf message that fails validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConversionError {

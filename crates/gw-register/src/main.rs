@@ -1,0 +1,96 @@
+//! `gw-register`: flags and config in, `gw_register::run` out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gw_register::RegisterConfig;
+use tokio_util::sync::CancellationToken;
+
+/// gateworker register: tells workers and gateways where every gateway is.
+#[derive(Debug, Parser)]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (link protocol v1)"))]
+struct Cli {
+    /// TOML config file; environment variables and flags override it.
+    #[arg(long, env = "GW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address HOST:PORT.
+    #[arg(long, env = "GW_LISTEN")]
+    listen: Option<String>,
+    /// Cluster secret shared by every daemon.
+    #[arg(long, env = "GW_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Drop a peer silent for this many ms.
+    #[arg(long, env = "GW_PEER_TIMEOUT_MS")]
+    peer_timeout_ms: Option<u64>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GW_LOG_JSON")]
+    log_json: bool,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
+    let mut config: RegisterConfig = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => RegisterConfig::default(),
+    };
+    if let Some(v) = &cli.listen {
+        config.listen = v.clone();
+    }
+    if let Some(v) = &cli.secret {
+        config.secret = v.clone();
+    }
+    if let Some(v) = cli.peer_timeout_ms {
+        config.peer_timeout_ms = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gw-register: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gw-register: binding {}: {e}", config.listen);
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        stop.cancel();
+    });
+    match gw_register::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gw-register: {e}");
+            ExitCode::from(64)
+        }
+    }
+}

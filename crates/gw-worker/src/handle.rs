@@ -1,0 +1,680 @@
+//! [`Handle`]: every command and query of the Gateway API, usable from
+//! handlers and from any task (timers, background jobs).
+//!
+//! Routing: a call naming one client goes to that client's gateway only
+//! (read from the client id, no lookup). Sends to uids, groups and everyone
+//! go to every connected gateway. Queries ask every gateway concurrently
+//! and merge; a gateway that does not answer in time is *named* in
+//! [`Error::Incomplete`], never silently left out.
+//!
+//! Read-your-writes: commands and queries to one gateway travel on one
+//! ordered link and the gateway applies them in order, so a query issued
+//! after a command (from the same worker) sees its effect.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gw_link::discovery::GatewayList;
+use gw_link::frame;
+use gw_protocol::pb::{self, link_frame::Body};
+use gw_protocol::{ClientId, Command, GatewayId, Payload, Query, Scope};
+use parking_lot::{Mutex, RwLock};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What a [`Handle`] call can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The client's gateway is not connected to this worker (it is gone, or
+    /// not yet connected).
+    #[error("gateway {0} of this client is not connected")]
+    GatewayUnavailable(GatewayId),
+    /// Some gateways did not take a command or answer a query in time.
+    /// The others did: this says exactly which are missing.
+    #[error("no answer from gateways {missing:?}")]
+    Incomplete { missing: Vec<GatewayId> },
+    /// The gateway refused a query.
+    #[error("gateway refused the query: {0}")]
+    Refused(String),
+    /// An argument is invalid (e.g. an empty uid or group).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Sender side of one connected gateway link.
+#[derive(Clone)]
+pub(crate) struct LinkSender {
+    pub(crate) gateway: GatewayId,
+    pub(crate) tx: mpsc::Sender<pb::LinkFrame>,
+    pub(crate) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<pb::QueryReply>>>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) links: RwLock<HashMap<GatewayId, LinkSender>>,
+    pub(crate) known: watch::Receiver<GatewayList>,
+    pub(crate) query_timeout: Duration,
+    next_query: AtomicU64,
+}
+
+/// Cloneable access to the cluster. See the module docs for routing.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn check_name(field: &str, s: &str) -> Result<(), Error> {
+    gw_protocol::domain::name("name", s.to_string())
+        .map(|_| ())
+        .map_err(|_| Error::InvalidArgument(format!("{field} must be non-empty and at most 512 bytes")))
+}
+
+/// Answers of a query, per gateway that answered.
+type Answers = Vec<(GatewayId, Vec<pb::Bucket>)>;
+
+impl Handle {
+    pub(crate) fn new(known: watch::Receiver<GatewayList>, query_timeout: Duration) -> Self {
+        Handle {
+            inner: Arc::new(Inner {
+                links: RwLock::new(HashMap::new()),
+                known,
+                query_timeout,
+                next_query: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Gateways this worker is connected to now.
+    pub fn connected_gateways(&self) -> Vec<GatewayId> {
+        let mut v: Vec<GatewayId> = self.inner.links.read().keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Gateways the register lists.
+    pub fn known_gateways(&self) -> Vec<GatewayId> {
+        self.inner
+            .known
+            .borrow()
+            .iter()
+            .filter_map(|g| g.gateway_id.parse().ok())
+            .collect()
+    }
+
+    fn link(&self, gateway: GatewayId) -> Result<LinkSender, Error> {
+        self.inner
+            .links
+            .read()
+            .get(&gateway)
+            .cloned()
+            .ok_or(Error::GatewayUnavailable(gateway))
+    }
+
+    fn links(&self) -> Vec<LinkSender> {
+        self.inner.links.read().values().cloned().collect()
+    }
+
+    /// Known gateways that are not connected.
+    fn unconnected(&self) -> Vec<GatewayId> {
+        let links = self.inner.links.read();
+        self.known_gateways()
+            .into_iter()
+            .filter(|g| !links.contains_key(g))
+            .collect()
+    }
+
+    async fn send_frame(link: &LinkSender, f: pb::LinkFrame) -> Result<(), Error> {
+        link.tx
+            .send(f)
+            .await
+            .map_err(|_| Error::GatewayUnavailable(link.gateway))
+    }
+
+    async fn command_to(&self, gateway: GatewayId, cmd: Command) -> Result<(), Error> {
+        let link = self.link(gateway)?;
+        Self::send_frame(&link, frame(Body::Command(cmd.into()))).await
+    }
+
+    async fn command_all(&self, cmd: Command) -> Result<(), Error> {
+        // Encode once; each link gets a clone of the same message.
+        let f = frame(Body::Command(cmd.into()));
+        let mut missing = self.unconnected();
+        for link in self.links() {
+            if Self::send_frame(&link, f.clone()).await.is_err() {
+                missing.push(link.gateway);
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            missing.sort();
+            Err(Error::Incomplete { missing })
+        }
+    }
+
+    async fn query_link(&self, link: &LinkSender, mut q: pb::Query) -> Result<Vec<pb::Bucket>, Error> {
+        let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        q.id = id;
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().insert(id, tx);
+        let result = async {
+            Self::send_frame(link, frame(Body::Query(q))).await?;
+            match tokio::time::timeout(self.inner.query_timeout, rx).await {
+                Ok(Ok(reply)) if reply.error_code != 0 => Err(Error::Refused(reply.error)),
+                Ok(Ok(reply)) => Ok(reply.buckets),
+                _ => Err(Error::Incomplete {
+                    missing: vec![link.gateway],
+                }),
+            }
+        }
+        .await;
+        link.pending.lock().remove(&id);
+        result
+    }
+
+    /// Asks every gateway at once.
+    async fn query_all(&self, q: Query) -> Result<Answers, Error> {
+        let q: pb::Query = q.into();
+        let links = self.links();
+        let answers = futures_util::future::join_all(links.iter().map(|l| self.query_link(l, q.clone()))).await;
+        let mut missing = self.unconnected();
+        let mut out = Vec::new();
+        for (link, answer) in links.iter().zip(answers) {
+            match answer {
+                Ok(b) => out.push((link.gateway, b)),
+                Err(Error::Refused(e)) => return Err(Error::Refused(e)),
+                Err(_) => missing.push(link.gateway),
+            }
+        }
+        if missing.is_empty() {
+            Ok(out)
+        } else {
+            missing.sort();
+            Err(Error::Incomplete { missing })
+        }
+    }
+
+    /// Asks only the gateways of `ids`.
+    async fn query_clients(&self, ids: &[ClientId], mut q: Query) -> Result<Vec<pb::Bucket>, Error> {
+        let mut by_gateway: BTreeMap<GatewayId, Vec<ClientId>> = BTreeMap::new();
+        for id in ids {
+            by_gateway.entry(id.gateway()).or_default().push(*id);
+        }
+        let mut out = Vec::new();
+        for (gateway, ids) in by_gateway {
+            q.scope = Scope::ClientIds(ids);
+            let link = self.link(gateway)?;
+            out.extend(self.query_link(&link, q.clone().into()).await?);
+        }
+        Ok(out)
+    }
+
+    // ----- sending -----
+
+    /// Sends to one client. `send_to_client(id, "hi")`
+    pub async fn send_to_client(&self, client_id: ClientId, msg: impl Into<Payload>) -> Result<(), Error> {
+        self.command_to(
+            client_id.gateway(),
+            Command::SendToClients {
+                client_ids: vec![client_id],
+                payload: msg.into(),
+            },
+        )
+        .await
+    }
+
+    /// Sends to a list of clients (one command per gateway involved).
+    /// `send_to_clients(&[a, b], "hi")`
+    pub async fn send_to_clients(&self, client_ids: &[ClientId], msg: impl Into<Payload>) -> Result<(), Error> {
+        let payload = msg.into();
+        let mut by_gateway: BTreeMap<GatewayId, Vec<ClientId>> = BTreeMap::new();
+        for id in client_ids {
+            by_gateway.entry(id.gateway()).or_default().push(*id);
+        }
+        let mut missing = Vec::new();
+        for (gateway, ids) in by_gateway {
+            let cmd = Command::SendToClients {
+                client_ids: ids,
+                payload: payload.clone(),
+            };
+            if self.command_to(gateway, cmd).await.is_err() {
+                missing.push(gateway);
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Incomplete { missing })
+        }
+    }
+
+    /// Sends to every client, except `exclude`. `send_to_all("hi", &[])`
+    pub async fn send_to_all(&self, msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+        self.command_all(Command::SendToAll {
+            payload: msg.into(),
+            exclude: exclude.to_vec(),
+        })
+        .await
+    }
+
+    /// Sends to every connection bound to `uid`. `send_to_uid("u1", "hi")`
+    pub async fn send_to_uid(&self, uid: &str, msg: impl Into<Payload>) -> Result<(), Error> {
+        self.send_to_uids(&[uid], msg).await
+    }
+
+    /// Sends to every connection of each uid. `send_to_uids(&["u1", "u2"], "hi")`
+    pub async fn send_to_uids(&self, uids: &[&str], msg: impl Into<Payload>) -> Result<(), Error> {
+        for u in uids {
+            check_name("uid", u)?;
+        }
+        self.command_all(Command::SendToUids {
+            uids: uids.iter().map(|s| s.to_string()).collect(),
+            payload: msg.into(),
+        })
+        .await
+    }
+
+    /// Sends to every member of `group` except `exclude`.
+    /// `send_to_group("room1", "hi", &[])`
+    pub async fn send_to_group(&self, group: &str, msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+        self.send_to_groups(&[group], msg, exclude).await
+    }
+
+    /// Sends to the members of several groups; a client in more than one
+    /// of them receives the message once. `send_to_groups(&["a", "b"], "hi", &[])`
+    pub async fn send_to_groups(&self, groups: &[&str], msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+        for g in groups {
+            check_name("group", g)?;
+        }
+        self.command_all(Command::SendToGroups {
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            payload: msg.into(),
+            exclude: exclude.to_vec(),
+        })
+        .await
+    }
+
+    /// Closes a client after sending it `last` (if any) and whatever was
+    /// queued for it before. `close_client(id, Some("bye".into()))`
+    pub async fn close_client(&self, client_id: ClientId, last: Option<Payload>) -> Result<(), Error> {
+        self.command_to(
+            client_id.gateway(),
+            Command::CloseClient {
+                client_id,
+                final_message: last,
+                immediate: false,
+            },
+        )
+        .await
+    }
+
+    /// Drops a client at once, discarding anything queued for it.
+    /// `destroy_client(id)`
+    pub async fn destroy_client(&self, client_id: ClientId) -> Result<(), Error> {
+        self.command_to(
+            client_id.gateway(),
+            Command::CloseClient {
+                client_id,
+                final_message: None,
+                immediate: true,
+            },
+        )
+        .await
+    }
+
+    // ----- membership -----
+
+    /// Binds a client to a uid (one uid per client; many clients per uid).
+    /// `bind_uid(id, "u1")`
+    pub async fn bind_uid(&self, client_id: ClientId, uid: &str) -> Result<(), Error> {
+        check_name("uid", uid)?;
+        self.command_to(
+            client_id.gateway(),
+            Command::BindUid {
+                client_id,
+                uid: uid.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Unbinds a client from its uid. `unbind_uid(id)`
+    pub async fn unbind_uid(&self, client_id: ClientId) -> Result<(), Error> {
+        self.command_to(client_id.gateway(), Command::UnbindUid { client_id }).await
+    }
+
+    /// Adds a client to a group. `join_group(id, "room1")`
+    pub async fn join_group(&self, client_id: ClientId, group: &str) -> Result<(), Error> {
+        check_name("group", group)?;
+        self.command_to(
+            client_id.gateway(),
+            Command::JoinGroup {
+                client_id,
+                group: group.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Removes a client from a group. `leave_group(id, "room1")`
+    pub async fn leave_group(&self, client_id: ClientId, group: &str) -> Result<(), Error> {
+        check_name("group", group)?;
+        self.command_to(
+            client_id.gateway(),
+            Command::LeaveGroup {
+                client_id,
+                group: group.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Dissolves a group on every gateway. `ungroup("room1")`
+    pub async fn ungroup(&self, group: &str) -> Result<(), Error> {
+        check_name("group", group)?;
+        self.command_all(Command::Ungroup {
+            group: group.to_string(),
+        })
+        .await
+    }
+
+    // ----- sessions -----
+
+    /// Replaces a client's session. `set_session(id, json!({"k":1}).as_object().unwrap().clone())`
+    pub async fn set_session(&self, client_id: ClientId, session: Map<String, Value>) -> Result<(), Error> {
+        self.command_to(
+            client_id.gateway(),
+            Command::UpdateSession {
+                client_id,
+                replace: true,
+                set: session,
+                remove: vec![],
+            },
+        )
+        .await
+    }
+
+    /// Merges keys into a client's session. `update_session(id, map)`
+    pub async fn update_session(&self, client_id: ClientId, changes: Map<String, Value>) -> Result<(), Error> {
+        self.update_session_keys(client_id, changes, vec![]).await
+    }
+
+    pub(crate) async fn update_session_keys(
+        &self,
+        client_id: ClientId,
+        set: Map<String, Value>,
+        remove: Vec<String>,
+    ) -> Result<(), Error> {
+        self.command_to(
+            client_id.gateway(),
+            Command::UpdateSession {
+                client_id,
+                replace: false,
+                set,
+                remove,
+            },
+        )
+        .await
+    }
+
+    /// A client's session; `None` if it is not online. `get_session(id)`
+    pub async fn get_session(&self, client_id: ClientId) -> Result<Option<Map<String, Value>>, Error> {
+        let mut q = Query::new(Scope::ClientIds(vec![client_id]));
+        q.with_session = true;
+        let buckets = self.query_clients(&[client_id], q).await?;
+        Ok(buckets
+            .into_iter()
+            .flat_map(|b| b.clients)
+            .next()
+            .map(|c| crate::session::Session::from_bytes(&c.session).as_map().clone()))
+    }
+
+    // ----- queries -----
+
+    /// Whether a client is connected. `is_online(id)`
+    pub async fn is_online(&self, client_id: ClientId) -> Result<bool, Error> {
+        let mut q = Query::new(Scope::ClientIds(vec![client_id]));
+        q.count_only = true;
+        match self.query_clients(&[client_id], q).await {
+            Ok(b) => Ok(b.iter().any(|b| b.count > 0)),
+            // Its gateway is gone, so is the client.
+            Err(Error::GatewayUnavailable(_)) if !self.known_gateways().contains(&client_id.gateway()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn count_of(answers: &Answers) -> usize {
+        answers.iter().flat_map(|(_, b)| b).map(|b| b.count as usize).sum()
+    }
+
+    fn ids_of(answers: Answers) -> Vec<ClientId> {
+        let mut v: Vec<ClientId> = answers
+            .into_iter()
+            .flat_map(|(_, b)| b)
+            .flat_map(|b| b.clients)
+            .filter_map(|c| c.client_id.parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn uids_of(answers: Answers) -> Vec<String> {
+        let set: BTreeSet<String> = answers
+            .into_iter()
+            .flat_map(|(_, b)| b)
+            .flat_map(|b| b.clients)
+            .filter(|c| !c.uid.is_empty())
+            .map(|c| c.uid)
+            .collect();
+        set.into_iter().collect()
+    }
+
+    fn sessions_of(answers: Answers) -> BTreeMap<ClientId, Map<String, Value>> {
+        answers
+            .into_iter()
+            .flat_map(|(_, b)| b)
+            .flat_map(|b| b.clients)
+            .filter_map(|c| {
+                let id = c.client_id.parse().ok()?;
+                Some((id, crate::session::Session::from_bytes(&c.session).as_map().clone()))
+            })
+            .collect()
+    }
+
+    /// Merges per-key buckets across gateways.
+    fn by_key(answers: Answers) -> BTreeMap<String, Vec<pb::ClientRecord>> {
+        let mut out: BTreeMap<String, Vec<pb::ClientRecord>> = BTreeMap::new();
+        for b in answers.into_iter().flat_map(|(_, b)| b) {
+            out.entry(b.key).or_default().extend(b.clients);
+        }
+        out
+    }
+
+    fn counts_by_key(answers: &Answers) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for b in answers.iter().flat_map(|(_, b)| b) {
+            *out.entry(b.key.clone()).or_default() += b.count as usize;
+        }
+        out
+    }
+
+    fn scoped(scope: Scope, count_only: bool, with_uid: bool, with_session: bool) -> Query {
+        let mut q = Query::new(scope);
+        q.count_only = count_only;
+        q.with_uid = with_uid;
+        q.with_session = with_session;
+        q
+    }
+
+    /// Number of clients online. `get_client_count()`
+    pub async fn get_client_count(&self) -> Result<usize, Error> {
+        Ok(Self::count_of(&self.query_all(Self::scoped(Scope::All, true, false, false)).await?))
+    }
+
+    /// Number of members of a group. `get_client_count_by_group("room1")`
+    pub async fn get_client_count_by_group(&self, group: &str) -> Result<usize, Error> {
+        check_name("group", group)?;
+        let q = Self::scoped(Scope::Groups(vec![group.into()]), true, false, false);
+        Ok(Self::count_of(&self.query_all(q).await?))
+    }
+
+    /// Every client id online. `get_client_id_list()`
+    pub async fn get_client_id_list(&self) -> Result<Vec<ClientId>, Error> {
+        Ok(Self::ids_of(self.query_all(Self::scoped(Scope::All, false, false, false)).await?))
+    }
+
+    /// Client ids in a group. `get_client_id_list_by_group("room1")`
+    pub async fn get_client_id_list_by_group(&self, group: &str) -> Result<Vec<ClientId>, Error> {
+        check_name("group", group)?;
+        let q = Self::scoped(Scope::Groups(vec![group.into()]), false, false, false);
+        Ok(Self::ids_of(self.query_all(q).await?))
+    }
+
+    /// Every client's session. `get_client_sessions()`
+    pub async fn get_client_sessions(&self) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
+        Ok(Self::sessions_of(self.query_all(Self::scoped(Scope::All, false, false, true)).await?))
+    }
+
+    /// Sessions of a group's members. `get_client_sessions_by_group("room1")`
+    pub async fn get_client_sessions_by_group(&self, group: &str) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
+        check_name("group", group)?;
+        let q = Self::scoped(Scope::Groups(vec![group.into()]), false, false, true);
+        Ok(Self::sessions_of(self.query_all(q).await?))
+    }
+
+    /// Every bound uid, once each. `get_uid_list()`
+    pub async fn get_uid_list(&self) -> Result<Vec<String>, Error> {
+        Ok(Self::uids_of(self.query_all(Self::scoped(Scope::All, false, true, false)).await?))
+    }
+
+    /// Number of distinct uids online. `get_uid_count()`
+    pub async fn get_uid_count(&self) -> Result<usize, Error> {
+        Ok(self.get_uid_list().await?.len())
+    }
+
+    /// Distinct uids in a group. `get_uid_list_by_group("room1")`
+    pub async fn get_uid_list_by_group(&self, group: &str) -> Result<Vec<String>, Error> {
+        check_name("group", group)?;
+        let q = Self::scoped(Scope::Groups(vec![group.into()]), false, true, false);
+        Ok(Self::uids_of(self.query_all(q).await?))
+    }
+
+    /// Number of distinct uids in a group. `get_uid_count_by_group("room1")`
+    pub async fn get_uid_count_by_group(&self, group: &str) -> Result<usize, Error> {
+        Ok(self.get_uid_list_by_group(group).await?.len())
+    }
+
+    /// Every group with at least one member. `get_group_id_list()`
+    pub async fn get_group_id_list(&self) -> Result<Vec<String>, Error> {
+        let answers = self.query_all(Self::scoped(Scope::EachGroup, true, false, false)).await?;
+        Ok(Self::counts_by_key(&answers).into_keys().collect())
+    }
+
+    /// Distinct uids of every group. `get_all_group_uid_list()`
+    pub async fn get_all_group_uid_list(&self) -> Result<BTreeMap<String, Vec<String>>, Error> {
+        let answers = self.query_all(Self::scoped(Scope::EachGroup, false, true, false)).await?;
+        Ok(Self::by_key(answers)
+            .into_iter()
+            .map(|(g, recs)| {
+                let uids: BTreeSet<String> = recs.into_iter().filter(|r| !r.uid.is_empty()).map(|r| r.uid).collect();
+                (g, uids.into_iter().collect())
+            })
+            .collect())
+    }
+
+    /// Number of distinct uids of every group. `get_all_group_uid_count()`
+    pub async fn get_all_group_uid_count(&self) -> Result<BTreeMap<String, usize>, Error> {
+        Ok(self.get_all_group_uid_list().await?.into_iter().map(|(g, u)| (g, u.len())).collect())
+    }
+
+    /// Client ids of every group. `get_all_group_client_id_list()`
+    pub async fn get_all_group_client_id_list(&self) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
+        let answers = self.query_all(Self::scoped(Scope::EachGroup, false, false, false)).await?;
+        Ok(Self::by_key(answers)
+            .into_iter()
+            .map(|(g, recs)| {
+                let mut ids: Vec<ClientId> = recs.iter().filter_map(|r| r.client_id.parse().ok()).collect();
+                ids.sort();
+                (g, ids)
+            })
+            .collect())
+    }
+
+    /// Member count of every group. `get_all_group_client_id_count()`
+    pub async fn get_all_group_client_id_count(&self) -> Result<BTreeMap<String, usize>, Error> {
+        let answers = self.query_all(Self::scoped(Scope::EachGroup, true, false, false)).await?;
+        Ok(Self::counts_by_key(&answers))
+    }
+
+    /// Whether any connection is bound to `uid`. `is_uid_online("u1")`
+    pub async fn is_uid_online(&self, uid: &str) -> Result<bool, Error> {
+        Ok(self.is_uids_online(&[uid]).await?.get(uid).copied().unwrap_or(false))
+    }
+
+    /// For each uid, whether it is online. `is_uids_online(&["u1", "u2"])`
+    pub async fn is_uids_online(&self, uids: &[&str]) -> Result<BTreeMap<String, bool>, Error> {
+        for u in uids {
+            check_name("uid", u)?;
+        }
+        let q = Self::scoped(Scope::Uids(uids.iter().map(|s| s.to_string()).collect()), true, false, false);
+        let counts = Self::counts_by_key(&self.query_all(q).await?);
+        Ok(uids
+            .iter()
+            .map(|u| (u.to_string(), counts.get(*u).copied().unwrap_or(0) > 0))
+            .collect())
+    }
+
+    /// Client ids bound to `uid`. `get_client_id_by_uid("u1")`
+    pub async fn get_client_id_by_uid(&self, uid: &str) -> Result<Vec<ClientId>, Error> {
+        Ok(self.batch_get_client_id_by_uid(&[uid]).await?.remove(uid).unwrap_or_default())
+    }
+
+    /// Client ids of each uid. `batch_get_client_id_by_uid(&["u1", "u2"])`
+    pub async fn batch_get_client_id_by_uid(&self, uids: &[&str]) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
+        for u in uids {
+            check_name("uid", u)?;
+        }
+        let q = Self::scoped(Scope::Uids(uids.iter().map(|s| s.to_string()).collect()), false, false, false);
+        let mut by_key = Self::by_key(self.query_all(q).await?);
+        Ok(uids
+            .iter()
+            .map(|u| {
+                let mut ids: Vec<ClientId> = by_key
+                    .remove(*u)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| r.client_id.parse().ok())
+                    .collect();
+                ids.sort();
+                (u.to_string(), ids)
+            })
+            .collect())
+    }
+
+    /// The uid a client is bound to. `get_uid_by_client_id(id)`
+    pub async fn get_uid_by_client_id(&self, client_id: ClientId) -> Result<Option<String>, Error> {
+        let mut q = Query::new(Scope::ClientIds(vec![client_id]));
+        q.with_uid = true;
+        let buckets = self.query_clients(&[client_id], q).await?;
+        Ok(buckets
+            .into_iter()
+            .flat_map(|b| b.clients)
+            .next()
+            .map(|c| c.uid)
+            .filter(|u| !u.is_empty()))
+    }
+
+    /// Member count of each group. `batch_get_client_count_by_group(&["a", "b"])`
+    pub async fn batch_get_client_count_by_group(&self, groups: &[&str]) -> Result<BTreeMap<String, usize>, Error> {
+        for g in groups {
+            check_name("group", g)?;
+        }
+        let q = Self::scoped(Scope::Groups(groups.iter().map(|s| s.to_string()).collect()), true, false, false);
+        let counts = Self::counts_by_key(&self.query_all(q).await?);
+        Ok(groups
+            .iter()
+            .map(|g| (g.to_string(), counts.get(*g).copied().unwrap_or(0)))
+            .collect())
+    }
+}
