@@ -81,6 +81,11 @@ pub struct CommonOpts {
     /// late duplicates before closing.
     #[arg(long, default_value_t = 200)]
     pub linger_ms: u64,
+
+    /// Server process id (repeatable): VmRSS is summed before and after,
+    /// CPU time over the measured phase.
+    #[arg(long = "pid")]
+    pub pids: Vec<String>,
 }
 
 impl CommonOpts {
@@ -95,6 +100,7 @@ impl CommonOpts {
             read_buffer: 4096,
             write_buffer: 4096,
             linger_ms: 200,
+            pids: Vec::new(),
         }
     }
 }
@@ -112,9 +118,6 @@ pub struct ConnsArgs {
     /// Seconds to hold all connections open once established.
     #[arg(long, default_value_t = 5.0)]
     pub hold: f64,
-    /// Server process id whose VmRSS is summed before and after (repeatable).
-    #[arg(long = "pid")]
-    pub pids: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]

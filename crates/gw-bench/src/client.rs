@@ -198,6 +198,47 @@ pub fn rss_sum_kib(pids: &[String]) -> Result<u64> {
     pids.iter().map(|p| rss_kib(p)).sum()
 }
 
+/// Linux reports utime/stime in USER_HZ, which is 100 on every mainstream
+/// architecture (it is fixed ABI, unlike the kernel's HZ).
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU seconds consumed so far by a process (all threads).
+pub fn cpu_s(pid: &str) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    // The command name may contain spaces and parentheses: fields are
+    // counted from after the last ')'; utime and stime are fields 14 and 15,
+    // i.e. the 12th and 13th after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("bad {path}"))?;
+    let mut f = rest.split_whitespace().skip(11);
+    let mut tick = || -> Result<u64> {
+        f.next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("bad {path}"))
+    };
+    let (utime, stime) = (tick()?, tick()?);
+    Ok((utime + stime) as f64 / USER_HZ)
+}
+
+/// CPU seconds summed over `pids`; `None` when no pid was given.
+pub fn cpu_sum_s(pids: &[String]) -> Result<Option<f64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter().map(|p| cpu_s(p)).sum::<Result<f64>>().map(Some)
+}
+
+/// CPU use between two readings as percent of one core.
+pub fn cpu_pct(before: Option<f64>, after: Option<f64>, wall_s: f64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if wall_s > 0.0 => Some((a - b) / wall_s * 100.0),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,7 +294,16 @@ mod tests {
     }
 
     #[test]
-    fn rss_of_self_is_readable() {
+    fn rss_and_cpu_of_self_are_readable() {
         assert!(rss_kib("self").unwrap() > 0);
+        let before = cpu_s("self").unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_s("self").unwrap() >= before);
+        assert_eq!(cpu_sum_s(&[]).unwrap(), None);
+        assert_eq!(cpu_pct(Some(1.0), Some(1.5), 1.0), Some(50.0));
     }
 }

@@ -107,12 +107,15 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
     let cfg = client::ws_config(common.read_buffer, common.write_buffer);
     let n = a.count;
     // Read once up front so a wrong pid fails before any load is sent.
-    let server_before = if a.pids.is_empty() {
+    let pids = &common.pids;
+    let server_before = if pids.is_empty() {
         None
     } else {
-        Some(client::rss_sum_kib(&a.pids)?)
+        Some(client::rss_sum_kib(pids)?)
     };
     let gen_before = client::rss_kib("self").ok();
+    let server_cpu_before = client::cpu_sum_s(pids)?;
+    let gen_cpu_before = client::cpu_s("self").ok();
 
     let run_start = Instant::now();
     let deadline = run_start + Duration::from_secs_f64(common.duration_limit);
@@ -166,6 +169,10 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
         }
     }
     let connect_elapsed = run_start.elapsed().as_secs_f64();
+    let server_cpu_pct =
+        client::cpu_pct(server_cpu_before, client::cpu_sum_s(pids)?, connect_elapsed);
+    let generator_cpu_pct =
+        client::cpu_pct(gen_cpu_before, client::cpu_s("self").ok(), connect_elapsed);
 
     let wanted_until = Instant::now() + Duration::from_secs_f64(a.hold);
     let hold_until = wanted_until.min(deadline);
@@ -179,10 +186,10 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
     tokio::time::sleep_until(hold_until).await;
     let hold_s = hold_start.elapsed().as_secs_f64();
     // Measured while every connection is still open.
-    let server_after = if a.pids.is_empty() {
+    let server_after = if pids.is_empty() {
         None
     } else {
-        Some(client::rss_sum_kib(&a.pids)?)
+        Some(client::rss_sum_kib(pids)?)
     };
     let gen_after = client::rss_kib("self").ok();
     let _ = stop_tx.send(true);
@@ -234,7 +241,9 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
         }),
         connect_ms: Some(hist.summary_ms()),
         hold_s: Some(hold_s),
-        server_pids: (!a.pids.is_empty()).then(|| a.pids.clone()),
+        server_pids: (!pids.is_empty()).then(|| pids.clone()),
+        generator_cpu_pct,
+        server_cpu_pct,
         server_rss_before_kib: server_before,
         server_rss_after_kib: server_after,
         server_kib_per_conn: per_conn(server_before, server_after),

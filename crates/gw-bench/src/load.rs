@@ -337,6 +337,8 @@ pub async fn execute(
         bail!("no --url given");
     }
     let srcs = client::source_addrs(common.source_ips, &targets)?;
+    // Fail before connecting anything if a --pid is wrong.
+    client::cpu_sum_s(&common.pids)?;
     let n = plans.len();
     let expected: u64 = plans
         .iter()
@@ -394,11 +396,19 @@ pub async fn execute(
             common.duration_limit, tally.ready
         ));
     }
+    let server_cpu_before = client::cpu_sum_s(&common.pids)?;
+    let gen_cpu_before = client::cpu_s("self").ok();
     let start_ns = now_ns();
     let mut complete = false;
+    let mut cpu = (None, None);
     if ready {
         let _ = start_tx.send(true);
         complete = wait_until(&mut ev_rx, &mut tally, deadline, |t| t.complete == n).await;
+        let wall_s = (now_ns() - start_ns) as f64 / 1e9;
+        cpu = (
+            client::cpu_pct(gen_cpu_before, client::cpu_s("self").ok(), wall_s),
+            client::cpu_pct(server_cpu_before, client::cpu_sum_s(&common.pids)?, wall_s),
+        );
         if !complete && tally.failed == 0 {
             errors.push(format!(
                 "duration limit of {}s reached before all deliveries ({} of {n} clients complete)",
@@ -466,6 +476,9 @@ pub async fn execute(
         sent_per_sec: Some(per_sec(sent)),
         deliveries_per_sec: Some(per_sec(counts.delivered)),
         latency_ms: Some(hist.summary_ms()),
+        generator_cpu_pct: cpu.0,
+        server_cpu_pct: cpu.1,
+        server_pids: (!common.pids.is_empty()).then(|| common.pids.clone()),
         ..Default::default()
     };
     for e in errors {

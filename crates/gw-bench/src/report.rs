@@ -52,6 +52,13 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<LatencySummary>,
 
+    /// CPU used over the measured phase, percent of one core: tells whether
+    /// the generator (or the server) was the bottleneck.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_cpu_pct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_pct: Option<f64>,
+
     // conns.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connected: Option<u64>,
@@ -159,6 +166,14 @@ impl Report {
                 self.deliveries_per_sec.map(|v| format!("{v:.0}")),
             ),
             ("latency ms", self.latency_ms.as_ref().map(fmt_lat)),
+            (
+                "generator cpu %",
+                self.generator_cpu_pct.map(|v| format!("{v:.0}")),
+            ),
+            (
+                "server cpu %",
+                self.server_cpu_pct.map(|v| format!("{v:.0}")),
+            ),
             ("connected", opt(self.connected)),
             ("failed", opt(self.failed)),
             (

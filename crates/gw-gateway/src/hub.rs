@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -104,7 +103,6 @@ pub(crate) struct ClientSender {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueLimits {
     pub(crate) messages: usize,
-    pub(crate) bytes: usize,
 }
 
 impl ClientSender {
@@ -148,8 +146,6 @@ impl ClientSender {
 #[derive(Debug)]
 pub(crate) struct ClientEntry {
     pub(crate) sender: ClientSender,
-    pub(crate) remote_addr: SocketAddr,
-    pub(crate) protocol: &'static str,
     pub(crate) uid: Option<Arc<str>>,
     pub(crate) groups: HashSet<Arc<str>>,
     /// The session as serialized JSON (empty = `{}`), shared with every
@@ -221,8 +217,6 @@ impl Hub {
     pub(crate) fn add_client(
         &self,
         sender: ClientSender,
-        remote_addr: SocketAddr,
-        protocol: &'static str,
     ) -> ClientId {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = ClientId::new(self.gateway_id, seq).expect("sequence starts at 1");
@@ -230,8 +224,6 @@ impl Hub {
             seq,
             ClientEntry {
                 sender,
-                remote_addr,
-                protocol,
                 uid: None,
                 groups: HashSet::new(),
                 session: Bytes::new(),

@@ -34,8 +34,6 @@ pub(crate) struct RoutedEvent {
 pub(crate) struct WorkerSlot {
     /// Local number of this link (unique for the gateway's lifetime).
     pub(crate) key: u64,
-    /// The worker's node id, for logs.
-    pub(crate) worker_id: String,
     tx: mpsc::Sender<RoutedEvent>,
     alive: AtomicBool,
     /// The worker said it is leaving: send its clients elsewhere.
@@ -70,13 +68,11 @@ impl Router {
     /// Adds a worker link with a queue of `queue` events.
     pub(crate) fn add(
         &self,
-        worker_id: String,
         queue: usize,
     ) -> (Arc<WorkerSlot>, mpsc::Receiver<RoutedEvent>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let slot = Arc::new(WorkerSlot {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
-            worker_id,
             tx,
             alive: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -104,11 +100,6 @@ impl Router {
         self.routable.send_replace(n);
     }
 
-    /// Number of routable workers.
-    pub(crate) fn routable_count(&self) -> usize {
-        *self.routable.borrow()
-    }
-
     /// Rendezvous choice for client `seq` among routable workers.
     fn pick(&self, seq: u64) -> Option<Arc<WorkerSlot>> {
         let slots = self.slots.read();
@@ -130,7 +121,7 @@ impl Router {
     pub(crate) async fn dispatch(
         &self,
         sticky: &mut Option<Arc<WorkerSlot>>,
-        mut event: RoutedEvent,
+        event: RoutedEvent,
         shutdown: &CancellationToken,
     ) -> Result<(), RoutedEvent> {
         loop {

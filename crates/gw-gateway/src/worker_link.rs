@@ -38,7 +38,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let cfg = &state.config;
-    let (slot, mut queue) = state.router.add(peer.node_id.clone(), cfg.worker_queue);
+    let (slot, mut queue) = state.router.add(cfg.worker_queue);
     let metrics = state.hub.metrics.clone();
     metrics.worker_links.fetch_add(1, Ordering::Relaxed);
     tracing::info!(worker = %peer.node_id, addr = %peer.addr, "worker link up");

@@ -130,12 +130,11 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
 
     let (sender, queue) = ClientSender::new(QueueLimits {
         messages: cfg.client_queue_messages,
-        bytes: cfg.client_queue_bytes,
     });
     let control = sender.control.clone();
     control.last_heard_ms.store(state.now_ms(), Ordering::Relaxed);
     let protocol = spec.protocol.name();
-    let client_id = state.hub.add_client(sender, addr, protocol);
+    let client_id = state.hub.add_client(sender);
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%client_id, %addr, protocol, "client connected");
 

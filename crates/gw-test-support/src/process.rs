@@ -1,0 +1,75 @@
+//! The built binaries as separate processes (killed on drop).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// Path of a workspace binary next to the running test executable
+/// (`target/<profile>/NAME`). `cargo test --workspace` builds them.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/test-xxxx -> target/<profile>/NAME
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join(name)
+}
+
+/// A child process that is killed (by its PID) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Spawns `bin` with `args`, its output going to the test's stderr.
+    pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let path = bin_path(bin);
+        if !path.exists() {
+            anyhow::bail!("{} not built; run `cargo build --workspace` first", path.display());
+        }
+        let child = Command::new(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()?;
+        Ok(Proc {
+            child,
+            name: bin.to_string(),
+        })
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") to this process only.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit, up to `timeout`; kills it if it does not.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free loopback port (bound and released; good enough for child processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

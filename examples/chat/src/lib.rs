@@ -1,0 +1,124 @@
+//! The chat demo's worker: the JSON chat protocol of `docs/protocol.md`
+//! ("Chat demo protocol") on top of the gateworker SDK. Rooms are groups,
+//! logins are uids.
+#![forbid(unsafe_code)]
+
+pub mod web;
+
+use gw_worker::{CloseInfo, Context, EventHandler, Payload};
+use serde_json::{json, Map, Value};
+
+/// The chat protocol handler.
+#[derive(Debug, Default, Clone)]
+pub struct Chat;
+
+/// A request the client got wrong; becomes `{"type":"error","reason":...}`.
+struct BadRequest(String);
+
+fn field<'a>(msg: &'a Map<String, Value>, name: &str) -> Result<&'a str, BadRequest> {
+    match msg.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) => Err(BadRequest(format!("`{name}` must not be empty"))),
+        Some(_) => Err(BadRequest(format!("`{name}` must be a string"))),
+        None => Err(BadRequest(format!("missing `{name}`"))),
+    }
+}
+
+impl Chat {
+    async fn handle(&self, ctx: &Context, msg: Payload) -> Result<(), BadRequest> {
+        let text = msg
+            .as_text()
+            .ok_or_else(|| BadRequest("binary frames are not part of the chat protocol".into()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| BadRequest(format!("invalid JSON: {e}")))?;
+        let Value::Object(msg) = value else {
+            return Err(BadRequest("expected a JSON object".into()));
+        };
+        let kind = match msg.get("type") {
+            Some(Value::String(t)) => t.as_str(),
+            _ => return Err(BadRequest("missing or non-string `type`".into())),
+        };
+        let handle = ctx.handle();
+        let me = ctx.client_id;
+        let text = msg.get("text").cloned().unwrap_or(Value::Null);
+        let result = match kind {
+            "join" => {
+                let room = field(&msg, "room")?;
+                match handle.join_group(me, room).await {
+                    Ok(()) => ctx.reply(json!({"type": "joined", "room": room})).await,
+                    Err(e) => Err(e),
+                }
+            }
+            "leave" => {
+                let room = field(&msg, "room")?;
+                match handle.leave_group(me, room).await {
+                    Ok(()) => ctx.reply(json!({"type": "left", "room": room})).await,
+                    Err(e) => Err(e),
+                }
+            }
+            "say" => {
+                let room = field(&msg, "room")?;
+                let said = json!({"type": "said", "room": room, "from": me.to_string(), "text": text});
+                handle.send_to_group(room, said, &[]).await
+            }
+            "login" => {
+                let uid = field(&msg, "uid")?;
+                match handle.bind_uid(me, uid).await {
+                    Ok(()) => ctx.reply(json!({"type": "logged_in", "uid": uid})).await,
+                    Err(e) => Err(e),
+                }
+            }
+            "whisper" => {
+                let to = field(&msg, "to")?;
+                let w = json!({"type": "whisper", "from": me.to_string(), "text": text});
+                handle.send_to_uid(to, w).await
+            }
+            "echo" => ctx.reply(json!({"type": "echo", "text": text})).await,
+            "count" => {
+                let room = field(&msg, "room")?;
+                let (clients, online) = tokio::join!(
+                    handle.get_client_count_by_group(room),
+                    handle.get_client_count()
+                );
+                match (clients, online) {
+                    (Ok(clients), Ok(online)) => {
+                        ctx.reply(json!({"type": "count", "room": room, "clients": clients, "online": online}))
+                            .await
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        return Err(BadRequest(format!("count unavailable: {e}")));
+                    }
+                }
+            }
+            other => return Err(BadRequest(format!("unknown type `{other}`"))),
+        };
+        if let Err(e) = result {
+            // A cluster problem, not the client's fault: log it. The client
+            // is told when it can be (its own gateway is reachable).
+            tracing::warn!(client_id = %me, kind, error = %e, "chat command incomplete");
+        }
+        Ok(())
+    }
+}
+
+impl EventHandler for Chat {
+    async fn on_connect(&self, ctx: &mut Context) {
+        let welcome = json!({"type": "welcome", "client_id": ctx.client_id.to_string()});
+        let _ = ctx.reply(welcome).await;
+    }
+
+    async fn on_message(&self, ctx: &mut Context, msg: Payload) {
+        if let Err(BadRequest(reason)) = self.handle(ctx, msg).await {
+            let _ = ctx.reply(json!({"type": "error", "reason": reason})).await;
+        }
+    }
+
+    async fn on_close(&self, ctx: &mut Context, info: CloseInfo) {
+        for room in &info.groups {
+            let gone = json!({"type": "gone", "room": room, "client_id": ctx.client_id.to_string()});
+            if let Err(e) = ctx.handle().send_to_group(room, gone, &[]).await {
+                tracing::warn!(client_id = %ctx.client_id, room, error = %e, "gone notice incomplete");
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `gw-chat`: the chat demo worker (run any number of copies).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gw_chat::Chat;
+use gw_worker::Worker;
+
+/// gateworker chat demo worker.
+#[derive(Debug, Parser)]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (link protocol v1)"))]
+struct Cli {
+    /// Register address HOST:PORT (repeat for several registers).
+    #[arg(long, env = "GW_REGISTER", value_delimiter = ',', required = true)]
+    register: Vec<String>,
+    /// Cluster secret shared by every daemon.
+    #[arg(long, env = "GW_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Worker name for logs.
+    #[arg(long, env = "GW_NAME")]
+    name: Option<String>,
+    /// Also serve the chat web page on this address (HOST:PORT).
+    #[arg(long, env = "GW_WEB")]
+    web: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GW_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    if let Some(addr) = &cli.web {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(addr = ?l.local_addr().ok(), "serving the chat page");
+                tokio::spawn(gw_chat::web::serve(l));
+            }
+            Err(e) => {
+                eprintln!("gw-chat: binding --web {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let mut builder = Worker::builder().secret(cli.secret);
+    for r in cli.register {
+        builder = builder.register(r);
+    }
+    if let Some(n) = cli.name {
+        builder = builder.name(n);
+    }
+    match builder.run(Chat).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gw-chat: {e}");
+            ExitCode::from(64)
+        }
+    }
+}
