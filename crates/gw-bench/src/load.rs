@@ -15,18 +15,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::cli::{CommonOpts, EchoArgs, FanoutArgs, WhisperArgs};
 use crate::client::{self, now_ns, Target, Ws, WELCOME_TIMEOUT};
 use crate::proto::{self, Inbound, Payload};
 use crate::report::Report;
 use crate::stats::{Histogram, SeqCounts, SeqTracker};
+
+/// Most frames handled per wake-up before the window is refilled.
+const DRAIN_BATCH: usize = 64;
 
 /// What one connection does.
 #[derive(Debug, Clone)]
@@ -136,6 +139,22 @@ impl Acct {
         }
     }
 
+    fn on_message(
+        &mut self,
+        plan: &Plan,
+        sh: &Shared,
+        msg: Option<Result<Message, WsError>>,
+    ) -> Result<()> {
+        match msg {
+            None => bail!("server closed the connection"),
+            Some(Err(e)) => Err(e).context("websocket read"),
+            Some(Ok(Message::Text(t))) => self.on_frame(plan, sh, t.as_str()),
+            Some(Ok(Message::Close(c))) => bail!("server closed the connection: {c:?}"),
+            Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame"),
+            Some(Ok(_)) => Ok(()),
+        }
+    }
+
     fn counts(&self) -> SeqCounts {
         let mut c = SeqCounts::default();
         for t in &self.trackers {
@@ -229,14 +248,16 @@ async fn drive(
         let wait_remote = plan.ack_remote && acct.sent < to_send;
         tokio::select! {
             biased;
-            msg = ws.next() => match msg {
-                None => bail!("server closed the connection"),
-                Some(Err(e)) => return Err(e).context("websocket read"),
-                Some(Ok(Message::Text(t))) => acct.on_frame(plan, sh, t.as_str())?,
-                Some(Ok(Message::Close(c))) => bail!("server closed the connection: {c:?}"),
-                Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame"),
-                Some(Ok(_)) => {}
-            },
+            msg = ws.next() => {
+                acct.on_message(plan, sh, msg)?;
+                // Handle frames that are already buffered before sending
+                // again: a burst of acknowledgements then refills the window
+                // with one write instead of one write per frame.
+                for _ in 1..DRAIN_BATCH {
+                    let Some(msg) = ws.next().now_or_never() else { break };
+                    acct.on_message(plan, sh, msg)?;
+                }
+            }
             _ = my_ack.notify.notified(), if wait_remote => {}
         }
     }

@@ -8,25 +8,59 @@
 //! (its reader, or a dying link redelivering its unacknowledged events)
 //! arrives at the same worker without asking anyone.
 //!
+//! Order survives a switch: each client counts its events not yet
+//! acknowledged ([`ClientFlow`]); before its events go to a *different*
+//! worker, the client waits until the old worker (or, after a crash, the
+//! worker its events were redelivered to) has acknowledged every earlier one.
+//!
 //! Each link has a bounded queue; `dispatch` awaits room in it, so a slow
 //! worker back-pressures the client's reader and from there the client's
 //! TCP socket. With no routable worker at all, `dispatch` waits for one.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use gw_protocol::pb;
 use parking_lot::RwLock;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// A client's events not yet acknowledged by a worker.
+#[derive(Debug, Default)]
+pub(crate) struct ClientFlow {
+    outstanding: AtomicUsize,
+    idle: Notify,
+}
+
+impl ClientFlow {
+    /// One event was acknowledged.
+    pub(crate) fn done(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// An event on its way to a worker, with the client's sequence number for
-/// re-routing.
+/// re-routing and its flow for acknowledgement.
 #[derive(Debug)]
 pub(crate) struct RoutedEvent {
     pub(crate) seq: u64,
     pub(crate) event: pb::Event,
+    pub(crate) flow: Arc<ClientFlow>,
 }
 
 /// One connected worker link, as routing sees it.
@@ -124,11 +158,41 @@ impl Router {
         event: RoutedEvent,
         shutdown: &CancellationToken,
     ) -> Result<(), RoutedEvent> {
+        self.dispatch_inner(sticky, event, shutdown, false).await
+    }
+
+    /// Re-routes an event whose worker is gone (it is still counted as
+    /// outstanding, so it must not wait for its own acknowledgement).
+    pub(crate) async fn redispatch(
+        &self,
+        event: RoutedEvent,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RoutedEvent> {
+        self.dispatch_inner(&mut None, event, shutdown, true).await
+    }
+
+    async fn dispatch_inner(
+        &self,
+        sticky: &mut Option<Arc<WorkerSlot>>,
+        event: RoutedEvent,
+        shutdown: &CancellationToken,
+        redelivery: bool,
+    ) -> Result<(), RoutedEvent> {
         loop {
             let slot = match sticky {
                 Some(s) if s.routable() => s.clone(),
                 _ => match self.pick(event.seq) {
                     Some(s) => {
+                        if !redelivery {
+                            // Switching workers: earlier events first.
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return Err(event),
+                                _ = event.flow.wait_idle() => {}
+                            }
+                            if !s.routable() {
+                                continue;
+                            }
+                        }
                         *sticky = Some(s.clone());
                         s
                     }
@@ -147,6 +211,9 @@ impl Router {
             };
             match permit {
                 Ok(permit) => {
+                    if !redelivery {
+                        event.flow.outstanding.fetch_add(1, Ordering::AcqRel);
+                    }
                     permit.send(event);
                     return Ok(());
                 }

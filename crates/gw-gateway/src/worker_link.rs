@@ -157,8 +157,7 @@ pub(crate) async fn serve(
     let stop = state.links_shutdown.clone();
     tokio::spawn(async move {
         for ev in pending {
-            let mut sticky = None;
-            if state2.router.dispatch(&mut sticky, ev, &stop).await.is_err() {
+            if state2.router.redispatch(ev, &stop).await.is_err() {
                 break;
             }
         }
@@ -178,7 +177,9 @@ async fn handle_frame(
     match f.body {
         Some(Body::Ack(a)) => {
             for id in a.ids {
-                inflight.remove(&id);
+                if let Some(ev) = inflight.remove(&id) {
+                    ev.flow.done();
+                }
             }
         }
         Some(Body::Command(c)) => {

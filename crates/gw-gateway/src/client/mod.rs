@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenSpec, Protocol};
 use crate::hub::{ClientControl, ClientSender, Outbound, QueueLimits, CLOSE_IMMEDIATE};
-use crate::routing::{RoutedEvent, WorkerSlot};
+use crate::routing::{ClientFlow, RoutedEvent, WorkerSlot};
 use crate::State;
 use transport::{ClientRead, ClientWrite, Inbound};
 
@@ -139,7 +139,8 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
     tracing::debug!(%client_id, %addr, protocol, "client connected");
 
     let writer = tokio::spawn(write_loop(write, queue, control.clone(), state.clone(), client_id));
-    let (reason, mut sticky) = read_loop(read, &control, &state, client_id, addr, protocol).await;
+    let flow = Arc::new(ClientFlow::default());
+    let (reason, mut sticky) = read_loop(read, &control, &state, client_id, addr, protocol, &flow).await;
 
     // Leave every table first so that no later send finds the client, then
     // report the close once, with what the client had.
@@ -163,6 +164,7 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
         let routed = RoutedEvent {
             seq: client_id.seq(),
             event,
+            flow,
         };
         if state
             .router
@@ -183,6 +185,7 @@ async fn read_loop(
     client_id: ClientId,
     addr: SocketAddr,
     protocol: &'static str,
+    flow: &Arc<ClientFlow>,
 ) -> (String, Option<Arc<WorkerSlot>>) {
     let metrics = &state.hub.metrics;
     let remote_addr = addr.to_string();
@@ -195,6 +198,7 @@ async fn read_loop(
             kind: Some(kind),
             ..Default::default()
         },
+        flow: flow.clone(),
     };
     let mut sticky = None;
     let connect = event(pb::event::Kind::Connect(pb::Connect {
