@@ -1,9 +1,11 @@
 //! Client-side plumbing shared by every scenario: loopback-only targets,
 //! source-address spreading, connecting, the shared clock and /proc RSS.
 
+use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -100,6 +102,93 @@ pub fn source_addrs(n: usize, targets: &[Target]) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// Source ports tried per connection before giving up.
+const PORT_TRIES: usize = 64;
+
+/// Source addresses plus our own source-port allocation for each.
+///
+/// bind() with port 0 makes the kernel search for a free port, and that
+/// search grows with the number of sockets already on the address: at 10k
+/// connections from one address it cost seconds of system time and
+/// hundreds of milliseconds per connect. Binding an explicit port is one
+/// hash lookup, so each address gets a cursor over the ephemeral range;
+/// a port that turns out to be taken (by anyone) is skipped.
+#[derive(Debug)]
+pub struct Sources {
+    ips: Vec<IpAddr>,
+    lo: u32,
+    span: u32,
+    cursors: Vec<AtomicU32>,
+}
+
+impl Sources {
+    /// Addresses 127.0.0.1..=127.0.0.N (or ::1), ports from the kernel's
+    /// ephemeral range starting at a per-run pseudo-random offset, so a new
+    /// run does not start on the ports the last one left in TIME_WAIT.
+    pub fn new(n: usize, targets: &[Target]) -> Result<Self> {
+        let ips = source_addrs(n, targets)?;
+        let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+                Some((it.next()??, it.next()??))
+            })
+            .filter(|(lo, hi)| lo < hi && *hi <= 65535)
+            .unwrap_or((32768, 60999));
+        let span = hi - lo + 1;
+        let mut seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ ((std::process::id() as u64) << 32);
+        let cursors = ips
+            .iter()
+            .map(|_| AtomicU32::new((splitmix64(&mut seed) % span as u64) as u32))
+            .collect();
+        Ok(Sources {
+            ips,
+            lo,
+            span,
+            cursors,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ips.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+    }
+
+    /// Refuse up front a run that cannot fit in the available ports.
+    pub fn check_capacity(&self, connections: usize) -> Result<()> {
+        let per_ip = connections.div_ceil(self.ips.len());
+        if per_ip as u64 > self.span as u64 * 9 / 10 {
+            bail!(
+                "{connections} connections over {} source address(es) need {per_ip} ports each, \
+                 but the ephemeral range has {}: raise --source-ips",
+                self.ips.len(),
+                self.span
+            );
+        }
+        Ok(())
+    }
+
+    fn next(&self, k: usize) -> SocketAddr {
+        let off = self.cursors[k].fetch_add(1, Ordering::Relaxed) % self.span;
+        SocketAddr::new(self.ips[k], (self.lo + off) as u16)
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Small per-connection buffers: the default 128 KiB read buffer would cost
 /// ~12 GiB at 100k connections. Writes still batch up to `write` bytes
 /// between flushes, which is all a window of small frames needs.
@@ -110,22 +199,53 @@ pub fn ws_config(read: usize, write: usize) -> WebSocketConfig {
         .max_write_buffer_size(usize::MAX)
 }
 
-/// Open a TCP connection from `src` (explicitly bound, so each source
-/// address gets its own port range) and do the WebSocket handshake.
-pub async fn connect(target: &Target, src: IpAddr, cfg: WebSocketConfig) -> Result<Ws> {
-    let sock = match target.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+/// Open a TCP connection for client `i` from source address `i % N`
+/// (explicitly bound, so each address has its own ports) and do the
+/// WebSocket handshake.
+pub async fn connect(
+    target: &Target,
+    sources: &Sources,
+    i: usize,
+    cfg: WebSocketConfig,
+) -> Result<Ws> {
+    let k = i % sources.ips.len();
+    let mut last_err = None;
+    let mut tcp = None;
+    for _ in 0..PORT_TRIES {
+        let src = sources.next(k);
+        let sock = match target.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .context("socket")?;
+        // Lets a run reuse ports still in TIME_WAIT from the previous one;
+        // a clash on the full 4-tuple is reported by connect and retried.
+        sock.set_reuseaddr(true).context("SO_REUSEADDR")?;
+        match sock.bind(src) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                last_err = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("bind {src}")),
+        }
+        match sock.connect(target.addr).await {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable) => {
+                last_err = Some(e);
+            }
+            Err(e) => return Err(e).with_context(|| format!("connect {} from {src}", target.addr)),
+        }
     }
-    .context("socket")?;
-    // Lets a new run reuse ports still in TIME_WAIT from the previous one.
-    sock.set_reuseaddr(true).context("SO_REUSEADDR")?;
-    sock.bind(SocketAddr::new(src, 0))
-        .with_context(|| format!("bind {src}"))?;
-    let tcp = sock
-        .connect(target.addr)
-        .await
-        .with_context(|| format!("connect {} from {src}", target.addr))?;
+    let Some(tcp) = tcp else {
+        bail!(
+            "no free source port on {} after {PORT_TRIES} tries (last: {last_err:?})",
+            sources.ips[k]
+        );
+    };
     // Frames are small and latency is what we measure: no Nagle delay.
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
     let (ws, _resp) =
@@ -274,6 +394,25 @@ mod tests {
                 "{url}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn source_ports_cycle_through_the_range() {
+        let t = vec![parse_target("ws://127.0.0.1:1").unwrap()];
+        let s = Sources::new(2, &t).unwrap();
+        assert_eq!(s.len(), 2);
+        let a = s.next(0);
+        let b = s.next(0);
+        assert_eq!(a.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(s.next(1).ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+        let (pa, pb) = (a.port() as u32, b.port() as u32);
+        assert!(pb == pa + 1 || pb == s.lo, "{pa} then {pb}");
+        for _ in 0..2 * s.span {
+            let p = s.next(0).port() as u32;
+            assert!(p >= s.lo && p < s.lo + s.span);
+        }
+        assert!(s.check_capacity(2 * s.span as usize / 2).is_ok());
+        assert!(s.check_capacity(4 * s.span as usize).is_err());
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! Measures connect time (TCP connect to `welcome`) and what holding the
 //! connections costs the server (VmRSS of the given pids) and the generator.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ConnsArgs;
-use crate::client::{self, Target, Ws};
+use crate::client::{self, Sources, Target, Ws};
 use crate::report::Report;
 use crate::stats::Histogram;
 
@@ -50,7 +49,8 @@ async fn watch_for_drop(ws: &mut Ws) -> String {
 
 async fn hold_task(
     target: Target,
-    src: IpAddr,
+    sources: Arc<Sources>,
+    i: usize,
     cfg: WebSocketConfig,
     permit: OwnedSemaphorePermit,
     events: mpsc::UnboundedSender<Event>,
@@ -59,7 +59,7 @@ async fn hold_task(
     let mut res = HoldResult::default();
     let t0 = Instant::now();
     let connecting = async {
-        let mut ws = client::connect(&target, src, cfg).await?;
+        let mut ws = client::connect(&target, &sources, i, cfg).await?;
         client::expect_welcome(&mut ws).await?;
         anyhow::Ok(ws)
     };
@@ -103,7 +103,8 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
     if targets.is_empty() {
         bail!("no --url given");
     }
-    let srcs = client::source_addrs(common.source_ips, &targets)?;
+    let sources = Arc::new(Sources::new(common.source_ips, &targets)?);
+    sources.check_capacity(a.count)?;
     let cfg = client::ws_config(common.read_buffer, common.write_buffer);
     let n = a.count;
     // Read once up front so a wrong pid fails before any load is sent.
@@ -141,7 +142,8 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
         };
         handles.push(tokio::spawn(hold_task(
             targets[i % targets.len()].clone(),
-            srcs[i % srcs.len()],
+            sources.clone(),
+            i,
             cfg,
             permit,
             ev_tx.clone(),

@@ -8,7 +8,6 @@
 //! all, while recording every delivery in a per-sender [`SeqTracker`].
 //! The coordinator only counts events and enforces the duration limit.
 
-use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::cli::{CommonOpts, EchoArgs, FanoutArgs, WhisperArgs};
-use crate::client::{self, now_ns, Target, Ws, WELCOME_TIMEOUT};
+use crate::client::{self, now_ns, Sources, Target, Ws, WELCOME_TIMEOUT};
 use crate::proto::{self, Inbound, Payload};
 use crate::report::Report;
 use crate::stats::{Histogram, SeqCounts, SeqTracker};
@@ -74,7 +73,7 @@ enum Event {
 
 struct Shared {
     targets: Vec<Target>,
-    srcs: Vec<IpAddr>,
+    sources: Sources,
     cfg: WebSocketConfig,
     spec: Spec,
     acks: Vec<AckCell>,
@@ -174,8 +173,9 @@ async fn drive(
 ) -> Result<()> {
     let i = plan.idx as usize;
     let target = &sh.targets[i % sh.targets.len()];
-    let src = sh.srcs[i % sh.srcs.len()];
-    let ws = st.ws.insert(client::connect(target, src, sh.cfg).await?);
+    let ws = st
+        .ws
+        .insert(client::connect(target, &sh.sources, i, sh.cfg).await?);
     client::expect_welcome(ws).await?;
     drop(permit);
 
@@ -357,7 +357,8 @@ pub async fn execute(
     if targets.is_empty() {
         bail!("no --url given");
     }
-    let srcs = client::source_addrs(common.source_ips, &targets)?;
+    let sources = Sources::new(common.source_ips, &targets)?;
+    sources.check_capacity(plans.len())?;
     // Fail before connecting anything if a --pid is wrong.
     client::cpu_sum_s(&common.pids)?;
     let n = plans.len();
@@ -373,7 +374,7 @@ pub async fn execute(
     let (stop_tx, stop_rx) = watch::channel(false);
     let sh = Arc::new(Shared {
         targets,
-        srcs,
+        sources,
         cfg: client::ws_config(common.read_buffer, common.write_buffer),
         spec,
         acks: (0..n).map(|_| AckCell::default()).collect(),

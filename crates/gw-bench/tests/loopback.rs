@@ -207,10 +207,10 @@ async fn unreachable_server_is_an_error_not_a_hang() {
 async fn serve_speaks_the_protocol() {
     let url = start_server().await;
     let target = client::parse_target(&url).unwrap();
-    let src = "127.0.0.1".parse().unwrap();
+    let sources = client::Sources::new(1, std::slice::from_ref(&target)).unwrap();
     let cfg = ws_config(4096, 4096);
-    let mut a = client::connect(&target, src, cfg).await.unwrap();
-    let mut b = client::connect(&target, src, cfg).await.unwrap();
+    let mut a = client::connect(&target, &sources, 0, cfg).await.unwrap();
+    let mut b = client::connect(&target, &sources, 1, cfg).await.unwrap();
     let a_id = client::expect_welcome(&mut a).await.unwrap();
     let b_id = client::expect_welcome(&mut b).await.unwrap();
     assert_ne!(a_id, b_id);

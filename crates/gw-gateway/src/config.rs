@@ -40,17 +40,25 @@ pub struct ListenSpec {
 impl FromStr for ListenSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (scheme, addr) = s
-            .split_once("://")
-            .ok_or_else(|| format!("`{s}`: expected SCHEME://HOST:PORT with scheme ws, text or frame"))?;
+        let (scheme, addr) = s.split_once("://").ok_or_else(|| {
+            format!("`{s}`: expected SCHEME://HOST:PORT with scheme ws, text or frame")
+        })?;
         let protocol = match scheme {
             "ws" => Protocol::Ws,
             "text" => Protocol::Text,
             "frame" => Protocol::Frame,
-            other => return Err(format!("`{s}`: unknown scheme `{other}` (use ws, text or frame)")),
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown scheme `{other}` (use ws, text or frame)"
+                ))
+            }
         };
         let addr = addr.trim_end_matches('/');
-        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
             return Err(format!("`{s}`: expected HOST:PORT after the scheme"));
         }
         Ok(ListenSpec {
@@ -157,13 +165,22 @@ impl GatewayConfig {
     /// Checks the configuration; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.secret.len() < 8 {
-            return Err(bad("secret", "set a cluster secret of at least 8 characters (--secret or GW_SECRET)"));
+            return Err(bad(
+                "secret",
+                "set a cluster secret of at least 8 characters (--secret or GW_SECRET)",
+            ));
         }
         if self.register.is_empty() {
-            return Err(bad("register", "give at least one register address (--register HOST:PORT)"));
+            return Err(bad(
+                "register",
+                "give at least one register address (--register HOST:PORT)",
+            ));
         }
         if self.listen.is_empty() {
-            return Err(bad("listen", "give at least one public listener, e.g. --listen ws://0.0.0.0:7272"));
+            return Err(bad(
+                "listen",
+                "give at least one public listener, e.g. --listen ws://0.0.0.0:7272",
+            ));
         }
         for l in &self.listen {
             l.parse::<ListenSpec>().map_err(|e| bad("listen", e))?;
@@ -188,7 +205,10 @@ impl GatewayConfig {
             return Err(bad("link_heartbeat_ms", "must be at least 100"));
         }
         if let Some(a) = &self.advertise {
-            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if a.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return Err(bad("advertise", format!("`{a}`: expected HOST:PORT")));
             }
         }

@@ -23,8 +23,8 @@ use gw_protocol::{codes, ClientId, Command, GatewayId, Query, Scope};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -134,7 +134,10 @@ impl ClientSender {
             self.control.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             if !self.tx.is_closed() {
                 metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(queued_bytes = queued, "client outgoing queue full: closing as slow consumer");
+                tracing::warn!(
+                    queued_bytes = queued,
+                    "client outgoing queue full: closing as slow consumer"
+                );
                 self.control.close(codes::CLOSE_SLOW_CONSUMER);
             }
         }
@@ -201,7 +204,11 @@ pub(crate) enum CommandError {
 }
 
 impl Hub {
-    pub(crate) fn new(gateway_id: GatewayId, max_queue_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        gateway_id: GatewayId,
+        max_queue_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Hub {
             gateway_id,
             next_seq: AtomicU64::new(1),
@@ -214,10 +221,7 @@ impl Hub {
     }
 
     /// Registers a new client and returns its id.
-    pub(crate) fn add_client(
-        &self,
-        sender: ClientSender,
-    ) -> ClientId {
+    pub(crate) fn add_client(&self, sender: ClientSender) -> ClientId {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = ClientId::new(self.gateway_id, seq).expect("sequence starts at 1");
         self.clients.shard(&seq).lock().insert(
@@ -301,7 +305,9 @@ impl Hub {
                 let mut n = 0;
                 for id in client_ids {
                     // A list may span gateways: each gateway takes its own.
-                    let Ok(seq) = self.local_seq(id) else { continue };
+                    let Ok(seq) = self.local_seq(id) else {
+                        continue;
+                    };
                     let sender = self
                         .clients
                         .shard(&seq)
@@ -429,7 +435,11 @@ impl Hub {
                 Ok(0)
             }
             Command::Ungroup { group } => {
-                let members = self.groups.shard(group.as_str()).lock().remove(group.as_str());
+                let members = self
+                    .groups
+                    .shard(group.as_str())
+                    .lock()
+                    .remove(group.as_str());
                 let members = members.unwrap_or_default();
                 for seq in members.keys() {
                     if let Some(e) = self.clients.shard(seq).lock().get_mut(seq) {

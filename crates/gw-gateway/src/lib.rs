@@ -8,7 +8,7 @@
 //! * `worker_link`: the actor serving one worker's link.
 //! * `hub`: the sharded tables of clients, uids, groups and sessions, and the
 //!   execution of commands and queries.
-//! * [`config`]: [`GatewayConfig`].
+//! * [`config`]: the configuration, [`GatewayConfig`].
 //!
 //! [`run`] serves until its shutdown token is cancelled, then stops
 //! gracefully: stop accepting, close every client with 1001 ("going away,
@@ -60,7 +60,10 @@ impl Listeners {
             public.push((spec, l));
         }
         let internal = TcpListener::bind(&config.internal).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("binding internal listener {}: {e}", config.internal))
+            std::io::Error::new(
+                e.kind(),
+                format!("binding internal listener {}: {e}", config.internal),
+            )
         })?;
         Ok(Listeners { public, internal })
     }
@@ -70,7 +73,10 @@ impl Listeners {
         self.public
             .iter()
             .map(|(spec, l)| {
-                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| spec.addr.clone());
+                let addr = l
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| spec.addr.clone());
                 format!("{}://{addr}", spec.protocol.name())
             })
             .collect()
@@ -202,10 +208,20 @@ pub async fn run_with(
                     .await;
                     match accepted {
                         Ok((link, peer)) => {
-                            worker_link::serve(link, peer, state.clone(), state.links_shutdown.clone()).await
+                            worker_link::serve(
+                                link,
+                                peer,
+                                state.clone(),
+                                state.links_shutdown.clone(),
+                            )
+                            .await
                         }
                         Err(e) => {
-                            state.hub.metrics.links_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            state
+                                .hub
+                                .metrics
+                                .links_refused
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::warn!(%addr, error = %e, "internal link refused");
                         }
                     }
@@ -216,7 +232,12 @@ pub async fn run_with(
 
     // Public listeners.
     for (spec, listener) in listeners.public {
-        clients.spawn(client::accept_loop(listener, spec, state.clone(), clients.clone()));
+        clients.spawn(client::accept_loop(
+            listener,
+            spec,
+            state.clone(),
+            clients.clone(),
+        ));
     }
 
     // Discovery: announce ourselves, learn our peers.
@@ -255,7 +276,10 @@ pub async fn run_with(
     }
     state.links_shutdown.cancel();
     links.close();
-    if tokio::time::timeout(Duration::from_secs(2), links.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), links.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("worker links did not close in time");
     }
     tracing::info!(gateway = %gateway_id, "gateway stopped");
@@ -282,7 +306,10 @@ mod tests {
     fn advertise_fills_in_the_port() {
         let bound: SocketAddr = "0.0.0.0:4000".parse().unwrap();
         assert_eq!(advertise_addr(Some("10.0.0.5:0"), bound), "10.0.0.5:4000");
-        assert_eq!(advertise_addr(Some("10.0.0.5:2900"), bound), "10.0.0.5:2900");
+        assert_eq!(
+            advertise_addr(Some("10.0.0.5:2900"), bound),
+            "10.0.0.5:2900"
+        );
         assert_eq!(advertise_addr(None, bound), "0.0.0.0:4000");
     }
 }

@@ -43,23 +43,96 @@ impl Metrics {
         let mut out = String::new();
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let rows: [(&str, &str, &str, u64); 14] = [
-            ("gateworker_gateway_connections", "gauge", "Client connections open now.", current_clients as u64),
-            ("gateworker_gateway_connections_opened_total", "counter", "Client connections accepted.", c(&self.connections_opened)),
-            ("gateworker_gateway_connections_closed_total", "counter", "Client connections closed.", c(&self.connections_closed)),
-            ("gateworker_gateway_connections_refused_total", "counter", "Connections refused at max_connections.", c(&self.connections_refused)),
-            ("gateworker_gateway_heartbeat_timeouts_total", "counter", "Clients closed for silence.", c(&self.heartbeat_timeouts)),
-            ("gateworker_gateway_client_messages_in_total", "counter", "Messages received from clients.", c(&self.messages_in)),
-            ("gateworker_gateway_client_messages_out_total", "counter", "Messages queued to clients.", c(&self.messages_out)),
-            ("gateworker_gateway_slow_consumer_disconnects_total", "counter", "Clients closed because their queue overflowed.", c(&self.slow_consumers)),
-            ("gateworker_gateway_link_events_out_total", "counter", "Events sent to workers.", c(&self.events_out)),
-            ("gateworker_gateway_link_events_redelivered_total", "counter", "Events redelivered after a worker died.", c(&self.events_redelivered)),
-            ("gateworker_gateway_link_commands_in_total", "counter", "Commands executed.", c(&self.commands_in)),
-            ("gateworker_gateway_link_commands_refused_total", "counter", "Invalid commands refused.", c(&self.commands_refused)),
-            ("gateworker_gateway_link_queries_in_total", "counter", "Queries answered.", c(&self.queries_in)),
-            ("gateworker_gateway_worker_links", "gauge", "Worker links up.", c(&self.worker_links)),
+            (
+                "gateworker_gateway_connections",
+                "gauge",
+                "Client connections open now.",
+                current_clients as u64,
+            ),
+            (
+                "gateworker_gateway_connections_opened_total",
+                "counter",
+                "Client connections accepted.",
+                c(&self.connections_opened),
+            ),
+            (
+                "gateworker_gateway_connections_closed_total",
+                "counter",
+                "Client connections closed.",
+                c(&self.connections_closed),
+            ),
+            (
+                "gateworker_gateway_connections_refused_total",
+                "counter",
+                "Connections refused at max_connections.",
+                c(&self.connections_refused),
+            ),
+            (
+                "gateworker_gateway_heartbeat_timeouts_total",
+                "counter",
+                "Clients closed for silence.",
+                c(&self.heartbeat_timeouts),
+            ),
+            (
+                "gateworker_gateway_client_messages_in_total",
+                "counter",
+                "Messages received from clients.",
+                c(&self.messages_in),
+            ),
+            (
+                "gateworker_gateway_client_messages_out_total",
+                "counter",
+                "Messages queued to clients.",
+                c(&self.messages_out),
+            ),
+            (
+                "gateworker_gateway_slow_consumer_disconnects_total",
+                "counter",
+                "Clients closed because their queue overflowed.",
+                c(&self.slow_consumers),
+            ),
+            (
+                "gateworker_gateway_link_events_out_total",
+                "counter",
+                "Events sent to workers.",
+                c(&self.events_out),
+            ),
+            (
+                "gateworker_gateway_link_events_redelivered_total",
+                "counter",
+                "Events redelivered after a worker died.",
+                c(&self.events_redelivered),
+            ),
+            (
+                "gateworker_gateway_link_commands_in_total",
+                "counter",
+                "Commands executed.",
+                c(&self.commands_in),
+            ),
+            (
+                "gateworker_gateway_link_commands_refused_total",
+                "counter",
+                "Invalid commands refused.",
+                c(&self.commands_refused),
+            ),
+            (
+                "gateworker_gateway_link_queries_in_total",
+                "counter",
+                "Queries answered.",
+                c(&self.queries_in),
+            ),
+            (
+                "gateworker_gateway_worker_links",
+                "gauge",
+                "Worker links up.",
+                c(&self.worker_links),
+            ),
         ];
         for (name, kind, help, value) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         out
     }

@@ -100,10 +100,7 @@ impl Router {
     }
 
     /// Adds a worker link with a queue of `queue` events.
-    pub(crate) fn add(
-        &self,
-        queue: usize,
-    ) -> (Arc<WorkerSlot>, mpsc::Receiver<RoutedEvent>) {
+    pub(crate) fn add(&self, queue: usize) -> (Arc<WorkerSlot>, mpsc::Receiver<RoutedEvent>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let slot = Arc::new(WorkerSlot {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),

@@ -232,7 +232,10 @@ async fn handle_frame(
         }
         _ => {
             let _ = link
-                .send(error_frame(codes::LINK_UNEXPECTED, "unexpected frame on a worker link"))
+                .send(error_frame(
+                    codes::LINK_UNEXPECTED,
+                    "unexpected frame on a worker link",
+                ))
                 .await;
             return Ok(Some(LinkEnd::Failed("unexpected frame".into())));
         }

@@ -84,7 +84,9 @@ impl Session {
             };
             match result {
                 Ok(()) => backoff.reset(),
-                Err(e) => tracing::warn!(register = %self.addr, error = %e, "register session failed"),
+                Err(e) => {
+                    tracing::warn!(register = %self.addr, error = %e, "register session failed")
+                }
             }
             let delay = backoff.next_delay();
             tokio::select! {
@@ -99,7 +101,9 @@ impl Session {
         all[self.index] = Some(list);
         let mut merged: BTreeMap<String, GatewayInfo> = BTreeMap::new();
         for g in all.iter().flatten().flatten() {
-            merged.entry(g.gateway_id.clone()).or_insert_with(|| g.clone());
+            merged
+                .entry(g.gateway_id.clone())
+                .or_insert_with(|| g.clone());
         }
         let merged: Vec<GatewayInfo> = merged.into_values().collect();
         self.list_tx.send_if_modified(|cur| {

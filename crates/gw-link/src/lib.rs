@@ -17,8 +17,8 @@ use gw_protocol::pb::{self, link_frame::Body, LinkFrame};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
-pub use handshake::{accept, connect, HandshakeError, Peer};
 pub use gw_protocol::frame::DEFAULT_MAX_FRAME;
+pub use handshake::{accept, connect, HandshakeError, Peer};
 
 /// A TCP connection speaking link frames.
 pub type FramedLink = Framed<TcpStream, LinkCodec>;

@@ -38,7 +38,8 @@ pub struct Transcript<'a> {
 }
 
 fn mac(secret: &[u8], side: Side, t: &Transcript<'_>) -> HmacSha256 {
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(secret).expect("HMAC accepts any key length");
+    let mut mac =
+        <HmacSha256 as KeyInit>::new_from_slice(secret).expect("HMAC accepts any key length");
     mac.update(match side {
         Side::Connecting => CLIENT_LABEL,
         Side::Accepting => SERVER_LABEL,

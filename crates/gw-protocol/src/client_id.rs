@@ -126,14 +126,17 @@ mod tests {
 
     #[test]
     fn client_id_round_trips() {
-        let gw = GatewayId::new(0xabc_def01_2345).unwrap();
+        let gw = GatewayId::new(0xabcd_ef01_2345).unwrap();
         for seq in [1u64, 255, 0xffff_ffff, 0x1_0000_0000, u64::MAX] {
             let id = ClientId::new(gw, seq).unwrap();
             let text = id.to_string();
             assert!(text.len() >= 20, "{text}");
             assert_eq!(text.parse::<ClientId>().unwrap(), id);
         }
-        assert_eq!(ClientId::new(gw, 1).unwrap().to_string(), "abcdef01234500000001");
+        assert_eq!(
+            ClientId::new(gw, 1).unwrap().to_string(),
+            "abcdef01234500000001"
+        );
     }
 
     #[test]

@@ -116,7 +116,13 @@ mod tests {
     fn oversized_length_is_refused_before_allocating() {
         let mut src = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1][..]);
         let err = decode(&mut src, DEFAULT_MAX_FRAME).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 0xffff_ffff, .. }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 0xffff_ffff,
+                ..
+            }
+        ));
         assert!(src.capacity() < 1024, "reserved {} bytes", src.capacity());
     }
 

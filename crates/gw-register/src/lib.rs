@@ -66,7 +66,8 @@ impl RegisterConfig {
         if self.secret.len() < 8 {
             return Err(ConfigError {
                 field: "secret",
-                message: "set a cluster secret of at least 8 characters (--secret or GW_SECRET)".into(),
+                message: "set a cluster secret of at least 8 characters (--secret or GW_SECRET)"
+                    .into(),
             });
         }
         if self.peer_timeout_ms < 300 {
@@ -159,7 +160,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_peer(mut link: FramedLink, peer: Peer, state: Arc<State>, shutdown: CancellationToken) {
+async fn serve_peer(
+    mut link: FramedLink,
+    peer: Peer,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node = %peer.node_id, role = ?peer.role, addr = %peer.addr, "peer connected");
     let timeout = Duration::from_millis(state.config.peer_timeout_ms);
@@ -251,19 +257,33 @@ async fn serve_peer(mut link: FramedLink, peer: Peer, state: Arc<State>, shutdow
 /// Records an announcement; refuses a malformed one or a second live
 /// gateway with the same id at another address.
 fn announce(state: &State, conn: u64, info: Option<GatewayInfo>) -> Result<String, (u32, String)> {
-    let info = info.ok_or((codes::LINK_MALFORMED, "announce without gateway".to_string()))?;
+    let info = info.ok_or((
+        codes::LINK_MALFORMED,
+        "announce without gateway".to_string(),
+    ))?;
     info.gateway_id
         .parse::<GatewayId>()
         .map_err(|e| (codes::LINK_MALFORMED, e.to_string()))?;
-    if info.internal_addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-        return Err((codes::LINK_MALFORMED, format!("bad internal_addr `{}`", info.internal_addr)));
+    if info
+        .internal_addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err((
+            codes::LINK_MALFORMED,
+            format!("bad internal_addr `{}`", info.internal_addr),
+        ));
     }
     let mut gateways = state.gateways.lock();
     if let Some(existing) = gateways.get(&info.gateway_id) {
         if existing.conn != conn && existing.info.internal_addr != info.internal_addr {
             return Err((
                 codes::LINK_DUPLICATE_GATEWAY,
-                format!("gateway id {} is already live at {}", info.gateway_id, existing.info.internal_addr),
+                format!(
+                    "gateway id {} is already live at {}",
+                    info.gateway_id, existing.info.internal_addr
+                ),
             ));
         }
         if existing.conn == conn && existing.info == info {

@@ -70,9 +70,15 @@ impl RegisterNode {
         };
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            gw_register::run(config, listener, stop).await.expect("register failed");
+            gw_register::run(config, listener, stop)
+                .await
+                .expect("register failed");
         });
-        Ok(RegisterNode { addr, shutdown, task })
+        Ok(RegisterNode {
+            addr,
+            shutdown,
+            task,
+        })
     }
 
     /// Stops it (its address can be reused for a restart).
@@ -146,7 +152,11 @@ pub async fn start_gateway(config: GatewayConfig) -> anyhow::Result<GatewayNode>
     });
     let handle = ready_rx.await.context("gateway did not start")?;
     Ok(GatewayNode {
-        ws_url: urls.iter().find(|u| u.starts_with("ws://")).cloned().unwrap_or_default(),
+        ws_url: urls
+            .iter()
+            .find(|u| u.starts_with("ws://"))
+            .cloned()
+            .unwrap_or_default(),
         urls,
         internal_addr,
         handle,
@@ -189,7 +199,9 @@ impl Cluster {
             workers: Vec::new(),
         };
         for _ in 0..gateways {
-            cluster.add_gateway(gateway_config(&[register_addr])).await?;
+            cluster
+                .add_gateway(gateway_config(&[register_addr]))
+                .await?;
         }
         Ok(cluster)
     }
@@ -199,10 +211,14 @@ impl Cluster {
         let node = start_gateway(config).await?;
         let id = node.handle.gateway_id.to_string();
         let peers = node.handle.peers.clone();
-        wait_until(Duration::from_secs(5), "the register to list the gateway", || {
-            let listed = peers.borrow().iter().any(|g| g.gateway_id == id);
-            async move { listed }
-        })
+        wait_until(
+            Duration::from_secs(5),
+            "the register to list the gateway",
+            || {
+                let listed = peers.borrow().iter().any(|g| g.gateway_id == id);
+                async move { listed }
+            },
+        )
         .await?;
         self.gateways.push(node);
         Ok(self.gateways.len() - 1)
@@ -215,16 +231,24 @@ impl Cluster {
         let worker = worker_builder(&[self.register_addr]).start(handler)?;
         let handle = worker.handle();
         let n = self.gateways.len();
-        wait_until(Duration::from_secs(10), "the worker to link to every gateway", || {
-            let ok = handle.connected_gateways().len() >= n;
-            async move { ok }
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "the worker to link to every gateway",
+            || {
+                let ok = handle.connected_gateways().len() >= n;
+                async move { ok }
+            },
+        )
         .await?;
         let gws = &self.gateways;
-        wait_until(Duration::from_secs(10), "every gateway to see the worker", || {
-            let ok = gws.iter().zip(&before).all(|(g, b)| g.worker_links() > *b);
-            async move { ok }
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "every gateway to see the worker",
+            || {
+                let ok = gws.iter().zip(&before).all(|(g, b)| g.worker_links() > *b);
+                async move { ok }
+            },
+        )
         .await?;
         self.workers.push(worker);
         Ok(self.workers.len() - 1)

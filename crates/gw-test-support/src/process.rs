@@ -23,12 +23,18 @@ impl Proc {
     pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
         let path = bin_path(bin);
         if !path.exists() {
-            anyhow::bail!("{} not built; run `cargo build --workspace` first", path.display());
+            anyhow::bail!(
+                "{} not built; run `cargo build --workspace` first",
+                path.display()
+            );
         }
         let child = Command::new(&path)
             .args(args)
             .stdin(Stdio::null())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()?;
         Ok(Proc {
             child,

@@ -28,7 +28,8 @@ async fn rooms_and_whispers_cross_gateways_and_workers() -> anyhow::Result<()> {
         cl.send_json(json!({"type":"join","room":room})).await?;
         assert_eq!(cl.recv_json().await?, json!({"type":"joined","room":"r1"}));
     }
-    a.send_json(json!({"type":"say","room":"r1","text":{"body":"hi","n":[1,2]}})).await?;
+    a.send_json(json!({"type":"say","room":"r1","text":{"body":"hi","n":[1,2]}}))
+        .await?;
     let expected = json!({"type":"said","room":"r1","from":a_id,"text":{"body":"hi","n":[1,2]}});
     assert_eq!(a.recv_json().await?, expected);
     assert_eq!(b.recv_json().await?, expected);
@@ -40,7 +41,8 @@ async fn rooms_and_whispers_cross_gateways_and_workers() -> anyhow::Result<()> {
         cl.send_json(json!({"type":"login","uid":"0"})).await?;
         assert_eq!(cl.recv_json().await?, json!({"type":"logged_in","uid":"0"}));
     }
-    a.send_json(json!({"type":"whisper","to":"0","text":"psst"})).await?;
+    a.send_json(json!({"type":"whisper","to":"0","text":"psst"}))
+        .await?;
     let w = json!({"type":"whisper","from":a_id,"text":"psst"});
     assert_eq!(b.recv_json().await?, w);
     assert_eq!(b2.recv_json().await?, w);
@@ -48,12 +50,16 @@ async fn rooms_and_whispers_cross_gateways_and_workers() -> anyhow::Result<()> {
 
     // Count sees both gateways.
     a.send_json(json!({"type":"count","room":"r1"})).await?;
-    assert_eq!(a.recv_json().await?, json!({"type":"count","room":"r1","clients":2,"online":4}));
+    assert_eq!(
+        a.recv_json().await?,
+        json!({"type":"count","room":"r1","clients":2,"online":4})
+    );
 
     // Leave: no more room traffic.
     b.send_json(json!({"type":"leave","room":"r1"})).await?;
     assert_eq!(b.recv_json().await?, json!({"type":"left","room":"r1"}));
-    a.send_json(json!({"type":"say","room":"r1","text":"after"})).await?;
+    a.send_json(json!({"type":"say","room":"r1","text":"after"}))
+        .await?;
     assert_eq!(a.recv_json().await?["text"], "after");
     b.expect_silence(Duration::from_millis(200)).await?;
 
@@ -61,7 +67,10 @@ async fn rooms_and_whispers_cross_gateways_and_workers() -> anyhow::Result<()> {
     b.send_json(json!({"type":"join","room":"r1"})).await?;
     b.recv_type("joined").await?;
     a.ws.close(None).await?;
-    assert_eq!(b.recv_json().await?, json!({"type":"gone","room":"r1","client_id":a_id}));
+    assert_eq!(
+        b.recv_json().await?,
+        json!({"type":"gone","room":"r1","client_id":a_id})
+    );
 
     // Echo passes any JSON value through.
     for text in [json!(null), json!(1.5), json!("s"), json!({"k":[true]})] {
@@ -94,10 +103,17 @@ async fn malformed_input_gets_an_error_and_the_connection_stays() -> anyhow::Res
         assert!(reply["reason"].as_str().is_some_and(|r| !r.is_empty()));
     }
     use futures_util::SinkExt;
-    a.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await?;
+    a.ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![1, 2, 3].into(),
+    ))
+    .await?;
     assert_eq!(a.recv_json().await?["type"], "error");
-    a.send_json(json!({"type":"echo","text":"still here"})).await?;
-    assert_eq!(a.recv_json().await?, json!({"type":"echo","text":"still here"}));
+    a.send_json(json!({"type":"echo","text":"still here"}))
+        .await?;
+    assert_eq!(
+        a.recv_json().await?,
+        json!({"type":"echo","text":"still here"})
+    );
     c.stop().await;
     Ok(())
 }
@@ -109,7 +125,10 @@ async fn client_ids_are_unique_across_gateways_and_restarts() -> anyhow::Result<
     let mut clients = Vec::new();
     for i in 0..20 {
         let (cl, id) = WsClient::connect_chat(&c.gateways[i % 2].ws_url).await?;
-        assert!(id.len() >= 20 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert!(
+            id.len() >= 20 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
         assert!(seen.insert(id));
         clients.push(cl);
     }
@@ -123,10 +142,14 @@ async fn client_ids_are_unique_across_gateways_and_restarts() -> anyhow::Result<
         .await?;
     assert_ne!(c.gateways[idx].handle.gateway_id, old_id);
     let handle = c.workers[0].handle();
-    gw_test_support::wait_until(Duration::from_secs(10), "worker links to the new gateway", || {
-        let ok = handle.connected_gateways().len() == 2;
-        async move { ok }
-    })
+    gw_test_support::wait_until(
+        Duration::from_secs(10),
+        "worker links to the new gateway",
+        || {
+            let ok = handle.connected_gateways().len() == 2;
+            async move { ok }
+        },
+    )
     .await?;
     for _ in 0..10 {
         let (_cl, id) = WsClient::connect_chat(&c.gateways[idx].ws_url).await?;

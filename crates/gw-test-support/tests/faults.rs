@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use gw_chat::Chat;
-use gw_worker::{ClientId, CloseInfo, Context, EventHandler, Payload};
 use gw_test_support::{gateway_config, wait_until, Cluster, RegisterNode, WsClient};
+use gw_worker::{ClientId, CloseInfo, Context, EventHandler, Payload};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 /// exactly once, in order.
 async fn exchange(a: &mut WsClient, b: &mut WsClient, from: usize, n: usize) -> anyhow::Result<()> {
     for i in from..from + n {
-        a.send_json(json!({"type":"say","room":"r","text":i})).await?;
+        a.send_json(json!({"type":"say","room":"r","text":i}))
+            .await?;
     }
     for i in from..from + n {
         let m = b.recv_type("said").await?;
@@ -60,12 +61,15 @@ async fn a_worker_that_exits_has_its_clients_rerouted_without_loss() -> anyhow::
     exchange(&mut a, &mut b, 0, 20).await?;
     // Stop the worker that owns `a`, while `a` keeps talking.
     let a_id: ClientId = a_id.parse()?;
-    let owner = if tags[0].seen.lock().unwrap().contains(&a_id) { 0 } else { 1 };
+    let owner = if tags[0].seen.lock().unwrap().contains(&a_id) {
+        0
+    } else {
+        1
+    };
     assert!(tags[owner].seen.lock().unwrap().contains(&a_id));
     let w = c.workers.remove(owner);
-    let sender = tokio::spawn(async move {
-        exchange(&mut a, &mut b, 20, 300).await.map(|_| (a, b))
-    });
+    let sender =
+        tokio::spawn(async move { exchange(&mut a, &mut b, 20, 300).await.map(|_| (a, b)) });
     tokio::time::sleep(Duration::from_millis(5)).await;
     w.stop().await;
     let (mut a, mut b) = sender.await??;
@@ -75,7 +79,8 @@ async fn a_worker_that_exits_has_its_clients_rerouted_without_loss() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_restart_does_not_interrupt_traffic_and_new_gateways_are_found() -> anyhow::Result<()> {
+async fn register_restart_does_not_interrupt_traffic_and_new_gateways_are_found(
+) -> anyhow::Result<()> {
     let mut c = Cluster::start(1).await?;
     c.add_worker(Chat).await?;
     let (mut a, _) = WsClient::connect_chat(&c.gateways[0].ws_url).await?;
@@ -92,15 +97,20 @@ async fn register_restart_does_not_interrupt_traffic_and_new_gateways_are_found(
     c.register = Some(RegisterNode::start(&addr.to_string()).await?);
     let idx = c.add_gateway(gateway_config(&[addr])).await?;
     let handle = c.workers[0].handle();
-    wait_until(Duration::from_secs(10), "worker to link to the new gateway", || {
-        let ok = handle.connected_gateways().len() == 2;
-        async move { ok }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "worker to link to the new gateway",
+        || {
+            let ok = handle.connected_gateways().len() == 2;
+            async move { ok }
+        },
+    )
     .await?;
     let (mut d, _) = WsClient::connect_chat(&c.gateways[idx].ws_url).await?;
     d.send_json(json!({"type":"join","room":"r"})).await?;
     d.recv_type("joined").await?;
-    a.send_json(json!({"type":"say","room":"r","text":"hello new"})).await?;
+    a.send_json(json!({"type":"say","room":"r","text":"hello new"}))
+        .await?;
     assert_eq!(d.recv_type("said").await?["text"], "hello new");
     assert_eq!(b.recv_type("said").await?["text"], "hello new");
     exchange(&mut a, &mut b, 100, 10).await?;
@@ -137,9 +147,16 @@ async fn a_peer_with_the_wrong_secret_is_refused() -> anyhow::Result<()> {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, gw_link::HandshakeError::Refused { code: 1001, .. }), "{err}");
+    assert!(
+        matches!(err, gw_link::HandshakeError::Refused { code: 1001, .. }),
+        "{err}"
+    );
     assert_eq!(
-        c.gateways[0].handle.metrics.links_refused.load(std::sync::atomic::Ordering::Relaxed),
+        c.gateways[0]
+            .handle
+            .metrics
+            .links_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
     c.stop().await;
@@ -172,7 +189,8 @@ mod prost_free {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_oversized_frames_are_refused_and_the_gateway_keeps_serving() -> anyhow::Result<()> {
+async fn garbage_and_oversized_frames_are_refused_and_the_gateway_keeps_serving(
+) -> anyhow::Result<()> {
     let mut c = Cluster::start(1).await?;
     c.add_worker(Chat).await?;
     let internal = c.gateways[0].internal_addr;
@@ -216,7 +234,8 @@ async fn garbage_and_oversized_frames_are_refused_and_the_gateway_keeps_serving(
         b.put_slice(&[0x12; 64]);
         stream.write_all(&b).await?;
         let mut code = None;
-        while let Ok(Some(Ok(f))) = tokio::time::timeout(Duration::from_secs(3), link.next()).await {
+        while let Ok(Some(Ok(f))) = tokio::time::timeout(Duration::from_secs(3), link.next()).await
+        {
             if let Some(gw_protocol::pb::link_frame::Body::Error(e)) = f.body {
                 code = Some(e.code);
                 break;

@@ -64,7 +64,8 @@ impl<H: EventHandler> Executor<H> {
             }
         }
         let this = self.clone();
-        self.tracker.spawn(async move { this.drain(client, job).await });
+        self.tracker
+            .spawn(async move { this.drain(client, job).await });
     }
 
     async fn drain(self: Arc<Self>, client: ClientId, mut job: Job) {
@@ -97,9 +98,20 @@ impl<H: EventHandler> Executor<H> {
             match event.kind {
                 EventKind::Connect { .. } => self.handler.on_connect(&mut ctx).await,
                 EventKind::Message(p) => self.handler.on_message(&mut ctx, p).await,
-                EventKind::Close { reason, uid, groups } => {
+                EventKind::Close {
+                    reason,
+                    uid,
+                    groups,
+                } => {
                     self.handler
-                        .on_close(&mut ctx, CloseInfo { reason, uid, groups })
+                        .on_close(
+                            &mut ctx,
+                            CloseInfo {
+                                reason,
+                                uid,
+                                groups,
+                            },
+                        )
                         .await
                 }
             }
@@ -112,7 +124,11 @@ impl<H: EventHandler> Executor<H> {
         }
         if !is_close {
             if let Some((set, remove)) = ctx.session.changes() {
-                if let Err(e) = self.handle.update_session_keys(client_id, set, remove).await {
+                if let Err(e) = self
+                    .handle
+                    .update_session_keys(client_id, set, remove)
+                    .await
+                {
                     tracing::warn!(%client_id, error = %e, "session write-back failed");
                 }
             }

@@ -67,7 +67,9 @@ pub struct Handle {
 fn check_name(field: &str, s: &str) -> Result<(), Error> {
     gw_protocol::domain::name("name", s.to_string())
         .map(|_| ())
-        .map_err(|_| Error::InvalidArgument(format!("{field} must be non-empty and at most 512 bytes")))
+        .map_err(|_| {
+            Error::InvalidArgument(format!("{field} must be non-empty and at most 512 bytes"))
+        })
 }
 
 /// Answers of a query, per gateway that answered.
@@ -153,7 +155,11 @@ impl Handle {
         }
     }
 
-    async fn query_link(&self, link: &LinkSender, mut q: pb::Query) -> Result<Vec<pb::Bucket>, Error> {
+    async fn query_link(
+        &self,
+        link: &LinkSender,
+        mut q: pb::Query,
+    ) -> Result<Vec<pb::Bucket>, Error> {
         let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
         q.id = id;
         let (tx, rx) = oneshot::channel();
@@ -177,7 +183,9 @@ impl Handle {
     async fn query_all(&self, q: Query) -> Result<Answers, Error> {
         let q: pb::Query = q.into();
         let links = self.links();
-        let answers = futures_util::future::join_all(links.iter().map(|l| self.query_link(l, q.clone()))).await;
+        let answers =
+            futures_util::future::join_all(links.iter().map(|l| self.query_link(l, q.clone())))
+                .await;
         let mut missing = self.unconnected();
         let mut out = Vec::new();
         for (link, answer) in links.iter().zip(answers) {
@@ -196,7 +204,11 @@ impl Handle {
     }
 
     /// Asks only the gateways of `ids`.
-    async fn query_clients(&self, ids: &[ClientId], mut q: Query) -> Result<Vec<pb::Bucket>, Error> {
+    async fn query_clients(
+        &self,
+        ids: &[ClientId],
+        mut q: Query,
+    ) -> Result<Vec<pb::Bucket>, Error> {
         let mut by_gateway: BTreeMap<GatewayId, Vec<ClientId>> = BTreeMap::new();
         for id in ids {
             by_gateway.entry(id.gateway()).or_default().push(*id);
@@ -213,7 +225,11 @@ impl Handle {
     // ----- sending -----
 
     /// Sends to one client. `send_to_client(id, "hi")`
-    pub async fn send_to_client(&self, client_id: ClientId, msg: impl Into<Payload>) -> Result<(), Error> {
+    pub async fn send_to_client(
+        &self,
+        client_id: ClientId,
+        msg: impl Into<Payload>,
+    ) -> Result<(), Error> {
         self.command_to(
             client_id.gateway(),
             Command::SendToClients {
@@ -226,7 +242,11 @@ impl Handle {
 
     /// Sends to a list of clients (one command per gateway involved).
     /// `send_to_clients(&[a, b], "hi")`
-    pub async fn send_to_clients(&self, client_ids: &[ClientId], msg: impl Into<Payload>) -> Result<(), Error> {
+    pub async fn send_to_clients(
+        &self,
+        client_ids: &[ClientId],
+        msg: impl Into<Payload>,
+    ) -> Result<(), Error> {
         let payload = msg.into();
         let mut by_gateway: BTreeMap<GatewayId, Vec<ClientId>> = BTreeMap::new();
         for id in client_ids {
@@ -250,7 +270,11 @@ impl Handle {
     }
 
     /// Sends to every client, except `exclude`. `send_to_all("hi", &[])`
-    pub async fn send_to_all(&self, msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+    pub async fn send_to_all(
+        &self,
+        msg: impl Into<Payload>,
+        exclude: &[ClientId],
+    ) -> Result<(), Error> {
         self.command_all(Command::SendToAll {
             payload: msg.into(),
             exclude: exclude.to_vec(),
@@ -277,13 +301,23 @@ impl Handle {
 
     /// Sends to every member of `group` except `exclude`.
     /// `send_to_group("room1", "hi", &[])`
-    pub async fn send_to_group(&self, group: &str, msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+    pub async fn send_to_group(
+        &self,
+        group: &str,
+        msg: impl Into<Payload>,
+        exclude: &[ClientId],
+    ) -> Result<(), Error> {
         self.send_to_groups(&[group], msg, exclude).await
     }
 
     /// Sends to the members of several groups; a client in more than one
     /// of them receives the message once. `send_to_groups(&["a", "b"], "hi", &[])`
-    pub async fn send_to_groups(&self, groups: &[&str], msg: impl Into<Payload>, exclude: &[ClientId]) -> Result<(), Error> {
+    pub async fn send_to_groups(
+        &self,
+        groups: &[&str],
+        msg: impl Into<Payload>,
+        exclude: &[ClientId],
+    ) -> Result<(), Error> {
         for g in groups {
             check_name("group", g)?;
         }
@@ -297,7 +331,11 @@ impl Handle {
 
     /// Closes a client after sending it `last` (if any) and whatever was
     /// queued for it before. `close_client(id, Some("bye".into()))`
-    pub async fn close_client(&self, client_id: ClientId, last: Option<Payload>) -> Result<(), Error> {
+    pub async fn close_client(
+        &self,
+        client_id: ClientId,
+        last: Option<Payload>,
+    ) -> Result<(), Error> {
         self.command_to(
             client_id.gateway(),
             Command::CloseClient {
@@ -341,7 +379,8 @@ impl Handle {
 
     /// Unbinds a client from its uid. `unbind_uid(id)`
     pub async fn unbind_uid(&self, client_id: ClientId) -> Result<(), Error> {
-        self.command_to(client_id.gateway(), Command::UnbindUid { client_id }).await
+        self.command_to(client_id.gateway(), Command::UnbindUid { client_id })
+            .await
     }
 
     /// Adds a client to a group. `join_group(id, "room1")`
@@ -382,7 +421,11 @@ impl Handle {
     // ----- sessions -----
 
     /// Replaces a client's session. `set_session(id, json!({"k":1}).as_object().unwrap().clone())`
-    pub async fn set_session(&self, client_id: ClientId, session: Map<String, Value>) -> Result<(), Error> {
+    pub async fn set_session(
+        &self,
+        client_id: ClientId,
+        session: Map<String, Value>,
+    ) -> Result<(), Error> {
         self.command_to(
             client_id.gateway(),
             Command::UpdateSession {
@@ -396,7 +439,11 @@ impl Handle {
     }
 
     /// Merges keys into a client's session. `update_session(id, map)`
-    pub async fn update_session(&self, client_id: ClientId, changes: Map<String, Value>) -> Result<(), Error> {
+    pub async fn update_session(
+        &self,
+        client_id: ClientId,
+        changes: Map<String, Value>,
+    ) -> Result<(), Error> {
         self.update_session_keys(client_id, changes, vec![]).await
     }
 
@@ -419,15 +466,18 @@ impl Handle {
     }
 
     /// A client's session; `None` if it is not online. `get_session(id)`
-    pub async fn get_session(&self, client_id: ClientId) -> Result<Option<Map<String, Value>>, Error> {
+    pub async fn get_session(
+        &self,
+        client_id: ClientId,
+    ) -> Result<Option<Map<String, Value>>, Error> {
         let mut q = Query::new(Scope::ClientIds(vec![client_id]));
         q.with_session = true;
         let buckets = self.query_clients(&[client_id], q).await?;
-        Ok(buckets
-            .into_iter()
-            .flat_map(|b| b.clients)
-            .next()
-            .map(|c| crate::session::Session::from_bytes(&c.session).as_map().clone()))
+        Ok(buckets.into_iter().flat_map(|b| b.clients).next().map(|c| {
+            crate::session::Session::from_bytes(&c.session)
+                .as_map()
+                .clone()
+        }))
     }
 
     // ----- queries -----
@@ -439,13 +489,21 @@ impl Handle {
         match self.query_clients(&[client_id], q).await {
             Ok(b) => Ok(b.iter().any(|b| b.count > 0)),
             // Its gateway is gone, so is the client.
-            Err(Error::GatewayUnavailable(_)) if !self.known_gateways().contains(&client_id.gateway()) => Ok(false),
+            Err(Error::GatewayUnavailable(_))
+                if !self.known_gateways().contains(&client_id.gateway()) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
 
     fn count_of(answers: &Answers) -> usize {
-        answers.iter().flat_map(|(_, b)| b).map(|b| b.count as usize).sum()
+        answers
+            .iter()
+            .flat_map(|(_, b)| b)
+            .map(|b| b.count as usize)
+            .sum()
     }
 
     fn ids_of(answers: Answers) -> Vec<ClientId> {
@@ -477,7 +535,12 @@ impl Handle {
             .flat_map(|b| b.clients)
             .filter_map(|c| {
                 let id = c.client_id.parse().ok()?;
-                Some((id, crate::session::Session::from_bytes(&c.session).as_map().clone()))
+                Some((
+                    id,
+                    crate::session::Session::from_bytes(&c.session)
+                        .as_map()
+                        .clone(),
+                ))
             })
             .collect()
     }
@@ -509,7 +572,11 @@ impl Handle {
 
     /// Number of clients online. `get_client_count()`
     pub async fn get_client_count(&self) -> Result<usize, Error> {
-        Ok(Self::count_of(&self.query_all(Self::scoped(Scope::All, true, false, false)).await?))
+        Ok(Self::count_of(
+            &self
+                .query_all(Self::scoped(Scope::All, true, false, false))
+                .await?,
+        ))
     }
 
     /// Number of members of a group. `get_client_count_by_group("room1")`
@@ -521,7 +588,10 @@ impl Handle {
 
     /// Every client id online. `get_client_id_list()`
     pub async fn get_client_id_list(&self) -> Result<Vec<ClientId>, Error> {
-        Ok(Self::ids_of(self.query_all(Self::scoped(Scope::All, false, false, false)).await?))
+        Ok(Self::ids_of(
+            self.query_all(Self::scoped(Scope::All, false, false, false))
+                .await?,
+        ))
     }
 
     /// Client ids in a group. `get_client_id_list_by_group("room1")`
@@ -532,12 +602,20 @@ impl Handle {
     }
 
     /// Every client's session. `get_client_sessions()`
-    pub async fn get_client_sessions(&self) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
-        Ok(Self::sessions_of(self.query_all(Self::scoped(Scope::All, false, false, true)).await?))
+    pub async fn get_client_sessions(
+        &self,
+    ) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
+        Ok(Self::sessions_of(
+            self.query_all(Self::scoped(Scope::All, false, false, true))
+                .await?,
+        ))
     }
 
     /// Sessions of a group's members. `get_client_sessions_by_group("room1")`
-    pub async fn get_client_sessions_by_group(&self, group: &str) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
+    pub async fn get_client_sessions_by_group(
+        &self,
+        group: &str,
+    ) -> Result<BTreeMap<ClientId, Map<String, Value>>, Error> {
         check_name("group", group)?;
         let q = Self::scoped(Scope::Groups(vec![group.into()]), false, false, true);
         Ok(Self::sessions_of(self.query_all(q).await?))
@@ -545,7 +623,10 @@ impl Handle {
 
     /// Every bound uid, once each. `get_uid_list()`
     pub async fn get_uid_list(&self) -> Result<Vec<String>, Error> {
-        Ok(Self::uids_of(self.query_all(Self::scoped(Scope::All, false, true, false)).await?))
+        Ok(Self::uids_of(
+            self.query_all(Self::scoped(Scope::All, false, true, false))
+                .await?,
+        ))
     }
 
     /// Number of distinct uids online. `get_uid_count()`
@@ -567,17 +648,25 @@ impl Handle {
 
     /// Every group with at least one member. `get_group_id_list()`
     pub async fn get_group_id_list(&self) -> Result<Vec<String>, Error> {
-        let answers = self.query_all(Self::scoped(Scope::EachGroup, true, false, false)).await?;
+        let answers = self
+            .query_all(Self::scoped(Scope::EachGroup, true, false, false))
+            .await?;
         Ok(Self::counts_by_key(&answers).into_keys().collect())
     }
 
     /// Distinct uids of every group. `get_all_group_uid_list()`
     pub async fn get_all_group_uid_list(&self) -> Result<BTreeMap<String, Vec<String>>, Error> {
-        let answers = self.query_all(Self::scoped(Scope::EachGroup, false, true, false)).await?;
+        let answers = self
+            .query_all(Self::scoped(Scope::EachGroup, false, true, false))
+            .await?;
         Ok(Self::by_key(answers)
             .into_iter()
             .map(|(g, recs)| {
-                let uids: BTreeSet<String> = recs.into_iter().filter(|r| !r.uid.is_empty()).map(|r| r.uid).collect();
+                let uids: BTreeSet<String> = recs
+                    .into_iter()
+                    .filter(|r| !r.uid.is_empty())
+                    .map(|r| r.uid)
+                    .collect();
                 (g, uids.into_iter().collect())
             })
             .collect())
@@ -585,16 +674,28 @@ impl Handle {
 
     /// Number of distinct uids of every group. `get_all_group_uid_count()`
     pub async fn get_all_group_uid_count(&self) -> Result<BTreeMap<String, usize>, Error> {
-        Ok(self.get_all_group_uid_list().await?.into_iter().map(|(g, u)| (g, u.len())).collect())
+        Ok(self
+            .get_all_group_uid_list()
+            .await?
+            .into_iter()
+            .map(|(g, u)| (g, u.len()))
+            .collect())
     }
 
     /// Client ids of every group. `get_all_group_client_id_list()`
-    pub async fn get_all_group_client_id_list(&self) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
-        let answers = self.query_all(Self::scoped(Scope::EachGroup, false, false, false)).await?;
+    pub async fn get_all_group_client_id_list(
+        &self,
+    ) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
+        let answers = self
+            .query_all(Self::scoped(Scope::EachGroup, false, false, false))
+            .await?;
         Ok(Self::by_key(answers)
             .into_iter()
             .map(|(g, recs)| {
-                let mut ids: Vec<ClientId> = recs.iter().filter_map(|r| r.client_id.parse().ok()).collect();
+                let mut ids: Vec<ClientId> = recs
+                    .iter()
+                    .filter_map(|r| r.client_id.parse().ok())
+                    .collect();
                 ids.sort();
                 (g, ids)
             })
@@ -603,13 +704,20 @@ impl Handle {
 
     /// Member count of every group. `get_all_group_client_id_count()`
     pub async fn get_all_group_client_id_count(&self) -> Result<BTreeMap<String, usize>, Error> {
-        let answers = self.query_all(Self::scoped(Scope::EachGroup, true, false, false)).await?;
+        let answers = self
+            .query_all(Self::scoped(Scope::EachGroup, true, false, false))
+            .await?;
         Ok(Self::counts_by_key(&answers))
     }
 
     /// Whether any connection is bound to `uid`. `is_uid_online("u1")`
     pub async fn is_uid_online(&self, uid: &str) -> Result<bool, Error> {
-        Ok(self.is_uids_online(&[uid]).await?.get(uid).copied().unwrap_or(false))
+        Ok(self
+            .is_uids_online(&[uid])
+            .await?
+            .get(uid)
+            .copied()
+            .unwrap_or(false))
     }
 
     /// For each uid, whether it is online. `is_uids_online(&["u1", "u2"])`
@@ -617,7 +725,12 @@ impl Handle {
         for u in uids {
             check_name("uid", u)?;
         }
-        let q = Self::scoped(Scope::Uids(uids.iter().map(|s| s.to_string()).collect()), true, false, false);
+        let q = Self::scoped(
+            Scope::Uids(uids.iter().map(|s| s.to_string()).collect()),
+            true,
+            false,
+            false,
+        );
         let counts = Self::counts_by_key(&self.query_all(q).await?);
         Ok(uids
             .iter()
@@ -627,15 +740,27 @@ impl Handle {
 
     /// Client ids bound to `uid`. `get_client_id_by_uid("u1")`
     pub async fn get_client_id_by_uid(&self, uid: &str) -> Result<Vec<ClientId>, Error> {
-        Ok(self.batch_get_client_id_by_uid(&[uid]).await?.remove(uid).unwrap_or_default())
+        Ok(self
+            .batch_get_client_id_by_uid(&[uid])
+            .await?
+            .remove(uid)
+            .unwrap_or_default())
     }
 
     /// Client ids of each uid. `batch_get_client_id_by_uid(&["u1", "u2"])`
-    pub async fn batch_get_client_id_by_uid(&self, uids: &[&str]) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
+    pub async fn batch_get_client_id_by_uid(
+        &self,
+        uids: &[&str],
+    ) -> Result<BTreeMap<String, Vec<ClientId>>, Error> {
         for u in uids {
             check_name("uid", u)?;
         }
-        let q = Self::scoped(Scope::Uids(uids.iter().map(|s| s.to_string()).collect()), false, false, false);
+        let q = Self::scoped(
+            Scope::Uids(uids.iter().map(|s| s.to_string()).collect()),
+            false,
+            false,
+            false,
+        );
         let mut by_key = Self::by_key(self.query_all(q).await?);
         Ok(uids
             .iter()
@@ -666,11 +791,19 @@ impl Handle {
     }
 
     /// Member count of each group. `batch_get_client_count_by_group(&["a", "b"])`
-    pub async fn batch_get_client_count_by_group(&self, groups: &[&str]) -> Result<BTreeMap<String, usize>, Error> {
+    pub async fn batch_get_client_count_by_group(
+        &self,
+        groups: &[&str],
+    ) -> Result<BTreeMap<String, usize>, Error> {
         for g in groups {
             check_name("group", g)?;
         }
-        let q = Self::scoped(Scope::Groups(groups.iter().map(|s| s.to_string()).collect()), true, false, false);
+        let q = Self::scoped(
+            Scope::Groups(groups.iter().map(|s| s.to_string()).collect()),
+            true,
+            false,
+            false,
+        );
         let counts = Self::counts_by_key(&self.query_all(q).await?);
         Ok(groups
             .iter()

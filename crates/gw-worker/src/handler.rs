@@ -105,7 +105,11 @@ pub trait EventHandler: Send + Sync + 'static {
     /// A gateway vanished without reporting its clients' closes (crash,
     /// network partition): clean up state keyed by its client ids.
     /// By default this does nothing.
-    fn on_gateway_lost(&self, handle: &Handle, gateway: GatewayId) -> impl Future<Output = ()> + Send {
+    fn on_gateway_lost(
+        &self,
+        handle: &Handle,
+        gateway: GatewayId,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (handle, gateway);
         async {}
     }

@@ -100,7 +100,8 @@ async fn session<H: EventHandler>(
     stop: &CancellationToken,
 ) -> SessionEnd {
     let (tx, mut rx) = mpsc::channel::<pb::LinkFrame>(shared.link_queue);
-    let pending: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::QueryReply>>>> = Arc::default();
+    let pending: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::QueryReply>>>> =
+        Arc::default();
     handle.inner.links.write().insert(
         gateway,
         LinkSender {

@@ -79,7 +79,10 @@ mod tests {
         s.insert("d", "new");
         s.remove("c");
         let (set, removed) = s.changes().unwrap();
-        assert_eq!(serde_json::Value::Object(set), serde_json::json!({"b":20,"d":"new"}));
+        assert_eq!(
+            serde_json::Value::Object(set),
+            serde_json::json!({"b":20,"d":"new"})
+        );
         assert_eq!(removed, vec!["c".to_string()]);
     }
 }

@@ -93,10 +93,14 @@ impl WorkerBuilder {
 
     fn validate(&self) -> Result<(), WorkerError> {
         if self.registers.is_empty() {
-            return Err(WorkerError::Config("register: give at least one register address".into()));
+            return Err(WorkerError::Config(
+                "register: give at least one register address".into(),
+            ));
         }
         if self.secret.len() < 8 {
-            return Err(WorkerError::Config("secret: set a cluster secret of at least 8 characters".into()));
+            return Err(WorkerError::Config(
+                "secret: set a cluster secret of at least 8 characters".into(),
+            ));
         }
         Ok(())
     }
@@ -107,7 +111,9 @@ impl WorkerBuilder {
         let stop = running.stop.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -167,7 +173,9 @@ impl WorkerBuilder {
                     // Start a link for every listed gateway without one.
                     let list = known.borrow_and_update().clone();
                     for info in list.iter() {
-                        let Ok(gateway) = info.gateway_id.parse::<GatewayId>() else { continue };
+                        let Ok(gateway) = info.gateway_id.parse::<GatewayId>() else {
+                            continue;
+                        };
                         if !running.lock().insert(gateway) {
                             continue;
                         }
@@ -181,7 +189,8 @@ impl WorkerBuilder {
                         );
                         let info = info.clone();
                         tokio::spawn(async move {
-                            link::run(info, gateway, shared, executor, handler, handle, links_stop).await;
+                            link::run(info, gateway, shared, executor, handler, handle, links_stop)
+                                .await;
                             running.lock().remove(&gateway);
                         });
                     }
@@ -213,9 +222,8 @@ async fn drain<H: EventHandler>(
 ) {
     let links: Vec<_> = handle.inner.links.read().values().cloned().collect();
     for l in &links {
-        let _ = l
-            .tx
-            .send(frame(Body::Goodbye(pb::Goodbye {
+        let _ =
+            l.tx.send(frame(Body::Goodbye(pb::Goodbye {
                 reason: "worker draining".into(),
             })))
             .await;
@@ -269,6 +277,7 @@ impl WorkerShared {
     }
 
     fn ms_since_last_event(&self) -> u64 {
-        (self.started.elapsed().as_millis() as u64).saturating_sub(self.last_event_ms.load(Ordering::Relaxed))
+        (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.last_event_ms.load(Ordering::Relaxed))
     }
 }

@@ -58,7 +58,8 @@ impl Chat {
             }
             "say" => {
                 let room = field(&msg, "room")?;
-                let said = json!({"type": "said", "room": room, "from": me.to_string(), "text": text});
+                let said =
+                    json!({"type": "said", "room": room, "from": me.to_string(), "text": text});
                 handle.send_to_group(room, said, &[]).await
             }
             "login" => {
@@ -115,7 +116,8 @@ impl EventHandler for Chat {
 
     async fn on_close(&self, ctx: &mut Context, info: CloseInfo) {
         for room in &info.groups {
-            let gone = json!({"type": "gone", "room": room, "client_id": ctx.client_id.to_string()});
+            let gone =
+                json!({"type": "gone", "room": room, "client_id": ctx.client_id.to_string()});
             if let Err(e) = ctx.handle().send_to_group(room, gone, &[]).await {
                 tracing::warn!(client_id = %ctx.client_id, room, error = %e, "gone notice incomplete");
             }

@@ -72,7 +72,12 @@ impl Drop for ConnectionPermit {
     }
 }
 
-async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec, state: Arc<State>) {
+async fn handle_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    spec: ListenSpec,
+    state: Arc<State>,
+) {
     let cfg = &state.config;
     let metrics = state.hub.metrics.clone();
     let open = state.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
@@ -90,6 +95,7 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
                 .max_frame_size(Some(cfg.max_message_bytes));
             // Refusing at the HTTP level when full keeps existing clients
             // unaffected and tells the new one why (503).
+            #[allow(clippy::result_large_err)] // the signature is tungstenite's
             let callback = |_req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
                 if full {
                     let mut err = ErrorResponse::new(Some("gateway at max_connections".into()));
@@ -98,7 +104,8 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
                 }
                 Ok(resp)
             };
-            let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
+            let handshake =
+                tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
             match tokio::time::timeout(cfg.handshake_timeout(), handshake).await {
                 Ok(Ok(ws)) => {
                     let (w, r) = ws.split();
@@ -132,15 +139,24 @@ async fn handle_connection(stream: TcpStream, addr: SocketAddr, spec: ListenSpec
         messages: cfg.client_queue_messages,
     });
     let control = sender.control.clone();
-    control.last_heard_ms.store(state.now_ms(), Ordering::Relaxed);
+    control
+        .last_heard_ms
+        .store(state.now_ms(), Ordering::Relaxed);
     let protocol = spec.protocol.name();
     let client_id = state.hub.add_client(sender);
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%client_id, %addr, protocol, "client connected");
 
-    let writer = tokio::spawn(write_loop(write, queue, control.clone(), state.clone(), client_id));
+    let writer = tokio::spawn(write_loop(
+        write,
+        queue,
+        control.clone(),
+        state.clone(),
+        client_id,
+    ));
     let flow = Arc::new(ClientFlow::default());
-    let (reason, mut sticky) = read_loop(read, &control, &state, client_id, addr, protocol, &flow).await;
+    let (reason, mut sticky) =
+        read_loop(read, &control, &state, client_id, addr, protocol, &flow).await;
 
     // Leave every table first so that no later send finds the client, then
     // report the close once, with what the client had.
@@ -227,7 +243,9 @@ async fn read_loop(
             }
             Some(Ok(Inbound::Close)) => break "client closed".to_string(),
             Some(Ok(Inbound::Activity)) => {
-                control.last_heard_ms.store(state.now_ms(), Ordering::Relaxed);
+                control
+                    .last_heard_ms
+                    .store(state.now_ms(), Ordering::Relaxed);
                 continue;
             }
             Some(Ok(Inbound::Text(t))) => pb::Payload {
@@ -239,7 +257,9 @@ async fn read_loop(
                 binary: true,
             },
         };
-        control.last_heard_ms.store(state.now_ms(), Ordering::Relaxed);
+        control
+            .last_heard_ms
+            .store(state.now_ms(), Ordering::Relaxed);
         metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         let ev = event(pb::event::Kind::Message(pb::Message {
             payload: Some(payload),
@@ -330,6 +350,10 @@ async fn write_loop(
         }
         let _ = write.flush().await;
     }
-    let code = if code == CLOSE_IMMEDIATE { codes::CLOSE_BY_APPLICATION } else { code };
+    let code = if code == CLOSE_IMMEDIATE {
+        codes::CLOSE_BY_APPLICATION
+    } else {
+        code
+    };
     write.close(code, &close_reason(Some(code))).await;
 }

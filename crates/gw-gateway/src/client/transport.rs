@@ -234,4 +234,3 @@ impl Encoder<Bytes> for TextCodec {
         Ok(())
     }
 }
-

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, Rust unit and integration tests
+# (real daemons on port 0 and as processes), then the wire contract proven
+# by clients nobody here wrote (Python websockets, headless Chromium)
+# against the real binaries.
+#
+#   scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== cargo build (binaries used by process tests)"
+cargo build --workspace --bins --quiet
+
+echo "== cargo test"
+cargo test --workspace --quiet 2>&1 | tee target/cargo-test.log | grep -E "^test result|FAILED|panicked" || true
+if grep -qE "FAILED|error: test failed|error\[" target/cargo-test.log; then
+  echo "cargo test failed; see target/cargo-test.log"
+  exit 1
+fi
+
+echo "== external clients against the real binaries"
+scripts/test-external.sh
