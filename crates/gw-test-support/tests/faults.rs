@@ -251,3 +251,21 @@ async fn garbage_and_oversized_frames_are_refused_and_the_gateway_keeps_serving(
     c.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_worker_clients_wait_and_nothing_is_dropped() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1).await?;
+    // No worker yet: the connection is accepted, its events wait.
+    let mut a = WsClient::connect(&c.gateways[0].ws_url).await?;
+    for i in 0..5 {
+        a.send_json(json!({"type":"echo","text":i})).await?;
+    }
+    a.expect_silence(Duration::from_millis(300)).await?;
+    c.add_worker(Chat).await?;
+    assert_eq!(a.recv_json().await?["type"], "welcome");
+    for i in 0..5 {
+        assert_eq!(a.recv_json().await?, json!({"type":"echo","text":i}));
+    }
+    c.stop().await;
+    Ok(())
+}
