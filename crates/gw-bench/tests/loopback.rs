@@ -180,12 +180,11 @@ async fn non_loopback_targets_are_refused() {
 
 #[tokio::test]
 async fn unreachable_server_is_an_error_not_a_hang() {
-    // Grab a free port and close it again so nothing listens there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let url = format!("ws://127.0.0.1:{port}");
+    // A port that is bound but never listened on: connects are refused, and
+    // no other test's server can take it while we hold it.
+    let holder = tokio::net::TcpSocket::new_v4().unwrap();
+    holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("ws://{}", holder.local_addr().unwrap());
     let r = run(&[
         "echo",
         "--url",
@@ -200,6 +199,7 @@ async fn unreachable_server_is_an_error_not_a_hang() {
     assert!(!r.ok);
     assert!(r.error_count > 0);
     assert!(r.failure().unwrap().contains("error"), "{:?}", r.failure());
+    drop(holder);
 }
 
 /// The reference server's own protocol behaviour.

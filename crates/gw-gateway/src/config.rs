@@ -118,6 +118,16 @@ pub struct GatewayConfig {
     pub link_heartbeat_ms: u64,
     /// Grace period for a graceful stop, ms.
     pub shutdown_grace_ms: u64,
+    /// Largest WebSocket upgrade request (headers), bytes; more gets 431.
+    pub max_header_bytes: usize,
+    /// Proxies whose `X-Forwarded-For` / `X-Real-IP` are believed (IP addresses).
+    pub trusted_proxies: Vec<String>,
+    /// Allowed `Origin` values for WebSocket handshakes (e.g.
+    /// `https://chat.example.com`); empty allows any. Others get 403.
+    pub allowed_origins: Vec<String>,
+    /// Ask a worker (`on_handshake`) before completing each WebSocket
+    /// upgrade. Off: every upgrade is accepted at once.
+    pub handshake_to_worker: bool,
 }
 
 impl Default for GatewayConfig {
@@ -142,6 +152,10 @@ impl Default for GatewayConfig {
             link_max_frame: gw_protocol::frame::DEFAULT_MAX_FRAME,
             link_heartbeat_ms: 2_000,
             shutdown_grace_ms: 10_000,
+            max_header_bytes: 8 * 1024,
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            handshake_to_worker: true,
         }
     }
 }
@@ -198,6 +212,13 @@ impl GatewayConfig {
                 return Err(bad(field, "must be greater than 0"));
             }
         }
+        for p in &self.trusted_proxies {
+            p.parse::<std::net::IpAddr>()
+                .map_err(|_| bad("trusted_proxies", format!("`{p}` is not an IP address")))?;
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(bad("max_header_bytes", "must be at least 1024"));
+        }
         if self.link_max_frame < 64 * 1024 {
             return Err(bad("link_max_frame", "must be at least 65536"));
         }
@@ -217,6 +238,13 @@ impl GatewayConfig {
 
     pub(crate) fn listeners(&self) -> Vec<ListenSpec> {
         self.listen.iter().filter_map(|l| l.parse().ok()).collect()
+    }
+
+    pub(crate) fn trusted_proxy_ips(&self) -> Vec<std::net::IpAddr> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {

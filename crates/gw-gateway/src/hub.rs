@@ -154,6 +154,9 @@ pub(crate) struct ClientEntry {
     /// The session as serialized JSON (empty = `{}`), shared with every
     /// event that carries it.
     pub(crate) session: Bytes,
+    /// False while a WebSocket handshake awaits the worker's decision:
+    /// such a client is left out of query answers.
+    ready: bool,
 }
 
 /// What is left of a client after it is removed.
@@ -220,8 +223,23 @@ impl Hub {
         }
     }
 
-    /// Registers a new client and returns its id.
+    /// Registers a new, ready client and returns its id.
     pub(crate) fn add_client(&self, sender: ClientSender) -> ClientId {
+        let id = self.add_pending_client(sender);
+        self.mark_ready(id);
+        id
+    }
+
+    /// Makes a pending client visible to queries.
+    pub(crate) fn mark_ready(&self, id: ClientId) {
+        let seq = id.seq();
+        if let Some(e) = self.clients.shard(&seq).lock().get_mut(&seq) {
+            e.ready = true;
+        }
+    }
+
+    /// Registers a client whose handshake is not decided yet.
+    pub(crate) fn add_pending_client(&self, sender: ClientSender) -> ClientId {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let id = ClientId::new(self.gateway_id, seq).expect("sequence starts at 1");
         self.clients.shard(&seq).lock().insert(
@@ -231,6 +249,7 @@ impl Hub {
                 uid: None,
                 groups: HashSet::new(),
                 session: Bytes::new(),
+                ready: false,
             },
         );
         id
@@ -545,10 +564,22 @@ impl Hub {
         };
         for seq in seqs {
             if q.count_only {
-                bucket.count += 1;
+                let ready = self
+                    .clients
+                    .shard(&seq)
+                    .lock()
+                    .get(&seq)
+                    .is_some_and(|e| e.ready);
+                bucket.count += ready as u64;
                 continue;
             }
-            if let Some(e) = self.clients.shard(&seq).lock().get(&seq) {
+            if let Some(e) = self
+                .clients
+                .shard(&seq)
+                .lock()
+                .get(&seq)
+                .filter(|e| e.ready)
+            {
                 bucket.count += 1;
                 bucket.clients.push(self.record(seq, e, q));
             }
@@ -571,12 +602,11 @@ impl Hub {
             Scope::All => {
                 let mut bucket = pb::Bucket::default();
                 for shard in self.clients.shards.iter() {
-                    let shard = shard.lock();
-                    bucket.count += shard.len() as u64;
-                    if !q.count_only {
-                        bucket
-                            .clients
-                            .extend(shard.iter().map(|(seq, e)| self.record(*seq, e, q)));
+                    for (seq, e) in shard.lock().iter().filter(|(_, e)| e.ready) {
+                        bucket.count += 1;
+                        if !q.count_only {
+                            bucket.clients.push(self.record(*seq, e, q));
+                        }
                     }
                 }
                 vec![bucket]

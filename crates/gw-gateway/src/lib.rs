@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod routing;
 mod worker_link;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -108,6 +109,12 @@ pub(crate) struct State {
     /// links then flush and say goodbye.
     pub(crate) links_shutdown: CancellationToken,
     pub(crate) open_connections: AtomicUsize,
+    /// WebSocket upgrades waiting for a worker's decision, by client sequence.
+    pub(crate) handshakes: parking_lot::Mutex<
+        HashMap<u64, tokio::sync::oneshot::Sender<gw_protocol::pb::HandshakeReply>>,
+    >,
+    /// Parsed `trusted_proxies`.
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
     started: Instant,
 }
 
@@ -165,6 +172,8 @@ pub async fn run_with(
         accept_stop: shutdown.clone(),
         links_shutdown: CancellationToken::new(),
         open_connections: AtomicUsize::new(0),
+        handshakes: Default::default(),
+        trusted_proxies: config.trusted_proxy_ips(),
         started: Instant::now(),
         config,
     });

@@ -218,6 +218,21 @@ async fn handle_frame(
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        Some(Body::HandshakeReply(r)) => {
+            let seq = r
+                .client_id
+                .parse::<gw_protocol::ClientId>()
+                .ok()
+                .map(|c| c.seq());
+            match seq.and_then(|seq| state.handshakes.lock().remove(&seq)) {
+                Some(waiter) => {
+                    let _ = waiter.send(r);
+                }
+                None => {
+                    tracing::debug!(worker = %peer.node_id, client_id = %r.client_id, "late or unknown handshake reply")
+                }
+            }
+        }
         Some(Body::Ping(p)) => {
             link.send(frame(Body::Pong(pb::Pong { nonce: p.nonce })))
                 .await

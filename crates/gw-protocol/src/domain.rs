@@ -191,8 +191,76 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// A WebSocket upgrade request, for the worker to accept or reject.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HandshakeRequest {
+    pub path: String,
+    /// The raw query string (without `?`).
+    pub query: String,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HandshakeRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The first value of query parameter `name`, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k) == name).then(|| percent_decode(v))
+        })
+    }
+
+    /// The value of cookie `name`.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| v.to_string())
+            })
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (as space); invalid escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            out.push(b' ');
+        } else if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+            out.push(b'%');
+        } else {
+            out.push(b[i]);
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
+    /// Before a WebSocket upgrade completes (WebSocket listeners only).
+    Handshake(HandshakeRequest),
     Connect {
         /// "ws", "text" or "frame".
         protocol: String,
@@ -213,6 +281,11 @@ impl TryFrom<pb::Event> for Event {
             Kind::Connect(c) => EventKind::Connect {
                 protocol: c.protocol,
             },
+            Kind::Handshake(h) => EventKind::Handshake(HandshakeRequest {
+                path: h.path,
+                query: h.query,
+                headers: h.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            }),
             Kind::Message(m) => EventKind::Message(payload(m.payload)?),
             Kind::Close(c) => EventKind::Close {
                 reason: c.reason,
@@ -236,6 +309,15 @@ impl From<Event> for pb::Event {
         use pb::event::Kind;
         let kind = match e.kind {
             EventKind::Connect { protocol } => Kind::Connect(pb::Connect { protocol }),
+            EventKind::Handshake(h) => Kind::Handshake(pb::Handshake {
+                path: h.path,
+                query: h.query,
+                headers: h
+                    .headers
+                    .into_iter()
+                    .map(|(name, value)| pb::Header { name, value })
+                    .collect(),
+            }),
             EventKind::Message(p) => Kind::Message(pb::Message {
                 payload: Some(p.into()),
             }),
@@ -618,6 +700,24 @@ mod tests {
             Command::try_from(pb::Command { kind: None }).unwrap_err(),
             ConversionError::Missing("kind")
         );
+    }
+
+    #[test]
+    fn handshake_helpers_decode_query_and_cookies() {
+        let h = HandshakeRequest {
+            path: "/ws".into(),
+            query: "token=a%2Bb%20c&x=1&bad=%zz&tail=%4".into(),
+            headers: vec![
+                ("cookie".into(), "sid=42; theme=dark".into()),
+                ("x-a".into(), "v".into()),
+            ],
+        };
+        assert_eq!(h.query_param("token").as_deref(), Some("a+b c"));
+        assert_eq!(h.query_param("bad").as_deref(), Some("%zz"));
+        assert_eq!(h.query_param("tail").as_deref(), Some("%4"));
+        assert_eq!(h.query_param("nope"), None);
+        assert_eq!(h.cookie("theme").as_deref(), Some("dark"));
+        assert_eq!(h.header("X-A"), Some("v"));
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub mod domain;
 pub mod frame;
 
 pub use client_id::{ClientId, GatewayId, ParseIdError};
-pub use domain::{Command, ConversionError, Event, EventKind, Payload, Query, Scope};
+pub use domain::{
+    Command, ConversionError, Event, EventKind, HandshakeRequest, Payload, Query, Scope,
+};
 
 /// Generated protobuf types (`gateworker.link.v1`).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -254,18 +254,31 @@ async fn garbage_and_oversized_frames_are_refused_and_the_gateway_keeps_serving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_worker_clients_wait_and_nothing_is_dropped() -> anyhow::Result<()> {
-    let mut c = Cluster::start(1).await?;
-    // No worker yet: the connection is accepted, its events wait.
+    let mut c = Cluster::start(0).await?;
+    let mut config = gateway_config(&[c.register_addr]);
+    // Upgrades complete without asking a worker, so the client is in
+    // before any worker exists.
+    config.handshake_to_worker = false;
+    c.add_gateway(config).await?;
+    c.add_gateway(gateway_config(&[c.register_addr])).await?;
     let mut a = WsClient::connect(&c.gateways[0].ws_url).await?;
     for i in 0..5 {
         a.send_json(json!({"type":"echo","text":i})).await?;
     }
     a.expect_silence(Duration::from_millis(300)).await?;
+    // On a gateway that asks a worker at handshake, the upgrade waits too.
+    let url = c.gateways[1].ws_url.clone();
+    let pending = tokio::spawn(async move { WsClient::connect_chat(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished());
     c.add_worker(Chat).await?;
     assert_eq!(a.recv_json().await?["type"], "welcome");
     for i in 0..5 {
         assert_eq!(a.recv_json().await?, json!({"type":"echo","text":i}));
     }
+    let (mut b, _) = pending.await??;
+    b.send_json(json!({"type":"echo","text":"late"})).await?;
+    assert_eq!(b.recv_json().await?, json!({"type":"echo","text":"late"}));
     c.stop().await;
     Ok(())
 }

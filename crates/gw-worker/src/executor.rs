@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::handle::Handle;
-use crate::handler::{CloseInfo, Context, EventHandler};
+use crate::handler::{CloseInfo, Context, EventHandler, HandshakeDecision};
 use crate::session::Session;
 
 /// One event and where to acknowledge it.
@@ -94,8 +94,13 @@ impl<H: EventHandler> Executor<H> {
             self.handle.clone(),
         );
         let is_close = matches!(event.kind, EventKind::Close { .. });
+        let mut handshake_reply = None;
         let hook = async {
             match event.kind {
+                EventKind::Handshake(req) => {
+                    let decision = self.handler.on_handshake(&mut ctx, &req).await;
+                    handshake_reply = Some(decision);
+                }
                 EventKind::Connect { .. } => self.handler.on_connect(&mut ctx).await,
                 EventKind::Message(p) => self.handler.on_message(&mut ctx, p).await,
                 EventKind::Close {
@@ -122,7 +127,29 @@ impl<H: EventHandler> Executor<H> {
         if AssertUnwindSafe(hook).catch_unwind().await.is_err() {
             tracing::error!(%client_id, event = id, "event handler panicked");
         }
-        if !is_close {
+        if let Some(decision) = handshake_reply {
+            let mut reply = pb::HandshakeReply {
+                client_id: client_id.to_string(),
+                ..Default::default()
+            };
+            match decision {
+                HandshakeDecision::Accept { uid, groups } => {
+                    reply.accept = true;
+                    reply.uid = uid.unwrap_or_default();
+                    reply.groups = groups;
+                    if !ctx.session.as_map().is_empty() {
+                        reply.session = serde_json::Value::Object(ctx.session.as_map().clone())
+                            .to_string()
+                            .into();
+                    }
+                }
+                HandshakeDecision::Reject { status, reason } => {
+                    reply.status = u32::from(status);
+                    reply.reason = reason;
+                }
+            }
+            let _ = ack.send(frame(Body::HandshakeReply(reply))).await;
+        } else if !is_close {
             if let Some((set, remove)) = ctx.session.changes() {
                 if let Err(e) = self
                     .handle

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use gw_protocol::{ClientId, GatewayId, Payload};
+use gw_protocol::{ClientId, GatewayId, HandshakeRequest, Payload};
 
 use crate::handle::{Error, Handle};
 use crate::session::Session;
@@ -65,6 +65,59 @@ pub struct CloseInfo {
     pub groups: Vec<String>,
 }
 
+/// A worker's answer to a WebSocket handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeDecision {
+    /// Complete the upgrade; the client starts bound to `uid` (if any) and
+    /// in `groups`, with the session the hook set on its context.
+    Accept {
+        uid: Option<String>,
+        groups: Vec<String>,
+    },
+    /// Refuse with an HTTP status (400–599) and a reason the client receives.
+    Reject { status: u16, reason: String },
+}
+
+impl HandshakeDecision {
+    /// Accept as is.
+    pub fn accept() -> Self {
+        HandshakeDecision::Accept {
+            uid: None,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Accept, bound to `uid`.
+    pub fn uid(self, uid: impl Into<String>) -> Self {
+        match self {
+            HandshakeDecision::Accept { groups, .. } => HandshakeDecision::Accept {
+                uid: Some(uid.into()),
+                groups,
+            },
+            reject => reject,
+        }
+    }
+
+    /// Accept, also in `group`.
+    pub fn group(self, group: impl Into<String>) -> Self {
+        match self {
+            HandshakeDecision::Accept { uid, mut groups } => {
+                groups.push(group.into());
+                HandshakeDecision::Accept { uid, groups }
+            }
+            reject => reject,
+        }
+    }
+
+    /// Refuse with `status` and `reason`.
+    pub fn reject(status: u16, reason: impl Into<String>) -> Self {
+        HandshakeDecision::Reject {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Your business logic. Only [`on_message`](EventHandler::on_message) is
 /// required; every other hook by default does nothing.
 ///
@@ -74,6 +127,20 @@ pub struct CloseInfo {
 pub trait EventHandler: Send + Sync + 'static {
     /// A message from a client (text or binary).
     fn on_message(&self, ctx: &mut Context, msg: Payload) -> impl Future<Output = ()> + Send;
+
+    /// A WebSocket client asks to connect (path, query, headers, cookies in
+    /// `req`, its real address in `ctx.remote_addr`). The upgrade waits for
+    /// the answer, so authenticate here: a rejected client never exists for
+    /// anyone, an accepted one starts with the uid, groups and session given.
+    /// By default this accepts everyone.
+    fn on_handshake(
+        &self,
+        ctx: &mut Context,
+        req: &HandshakeRequest,
+    ) -> impl Future<Output = HandshakeDecision> + Send {
+        let _ = (ctx, req);
+        async { HandshakeDecision::accept() }
+    }
 
     /// A client connected. By default this does nothing.
     fn on_connect(&self, ctx: &mut Context) -> impl Future<Output = ()> + Send {

@@ -56,9 +56,9 @@ mod worker;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-pub use gw_protocol::{ClientId, GatewayId, Payload};
+pub use gw_protocol::{ClientId, GatewayId, HandshakeRequest, Payload};
 pub use handle::{Error, Handle};
-pub use handler::{CloseInfo, Context, EventHandler};
+pub use handler::{CloseInfo, Context, EventHandler, HandshakeDecision};
 pub use session::Session;
 pub use worker::{RunningWorker, Worker, WorkerBuilder, WorkerError};
 

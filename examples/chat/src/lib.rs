@@ -124,3 +124,42 @@ impl EventHandler for Chat {
         }
     }
 }
+
+/// The chat protocol behind a token check at connect time: the WebSocket
+/// upgrade succeeds only with `?token=<token>` (else HTTP 401), and the
+/// client's session starts with `{"authenticated": true}`. An optional
+/// `?uid=` logs the client in as part of the handshake.
+#[derive(Debug, Clone)]
+pub struct TokenChat {
+    pub token: String,
+}
+
+impl EventHandler for TokenChat {
+    async fn on_handshake(
+        &self,
+        ctx: &mut Context,
+        req: &gw_worker::HandshakeRequest,
+    ) -> gw_worker::HandshakeDecision {
+        use gw_worker::HandshakeDecision;
+        if req.query_param("token").as_deref() != Some(self.token.as_str()) {
+            return HandshakeDecision::reject(401, "missing or wrong token");
+        }
+        ctx.session.insert("authenticated", true);
+        match req.query_param("uid").filter(|u| !u.is_empty()) {
+            Some(uid) => HandshakeDecision::accept().uid(uid),
+            None => HandshakeDecision::accept(),
+        }
+    }
+
+    async fn on_connect(&self, ctx: &mut Context) {
+        Chat.on_connect(ctx).await
+    }
+
+    async fn on_message(&self, ctx: &mut Context, msg: Payload) {
+        Chat.on_message(ctx, msg).await
+    }
+
+    async fn on_close(&self, ctx: &mut Context, info: CloseInfo) {
+        Chat.on_close(ctx, info).await
+    }
+}

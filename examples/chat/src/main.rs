@@ -22,6 +22,9 @@ struct Cli {
     /// Also serve the chat web page on this address (HOST:PORT).
     #[arg(long, env = "GW_WEB")]
     web: Option<String>,
+    /// Require this token in the WebSocket URL (`?token=...`) at connect time.
+    #[arg(long, env = "GW_CHAT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
@@ -59,7 +62,11 @@ async fn main() -> ExitCode {
     if let Some(n) = cli.name {
         builder = builder.name(n);
     }
-    match builder.run(Chat).await {
+    let result = match cli.token {
+        Some(token) => builder.run(gw_chat::TokenChat { token }).await,
+        None => builder.run(Chat).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gw-chat: {e}");

@@ -12,6 +12,7 @@
 //! When the reader ends, the client leaves every table and exactly one
 //! `Close` event goes to its worker.
 
+pub(crate) mod handshake;
 pub(crate) mod transport;
 
 use std::net::SocketAddr;
@@ -24,15 +25,16 @@ use futures_util::StreamExt;
 use gw_protocol::{codes, pb, ClientId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenSpec, Protocol};
 use crate::hub::{ClientControl, ClientSender, Outbound, QueueLimits, CLOSE_IMMEDIATE};
 use crate::routing::{ClientFlow, RoutedEvent, WorkerSlot};
 use crate::State;
+use handshake::{read_request, real_remote_addr, respond_refusal, respond_upgrade, Refusal};
 use transport::{ClientRead, ClientWrite, Inbound};
 
 /// Accepts clients on one public listener until the gateway stops accepting.
@@ -73,7 +75,7 @@ impl Drop for ConnectionPermit {
 }
 
 async fn handle_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     addr: SocketAddr,
     spec: ListenSpec,
     state: Arc<State>,
@@ -84,56 +86,18 @@ async fn handle_connection(
     let _permit = ConnectionPermit(state.clone());
     let full = open > cfg.max_connections;
     let _ = stream.set_nodelay(true);
-
-    let (read, write) = match spec.protocol {
-        Protocol::Ws => {
-            let ws_config = WebSocketConfig::default()
-                .read_buffer_size(cfg.ws_read_buffer)
-                .write_buffer_size(0)
-                .max_write_buffer_size(cfg.client_queue_bytes.max(64 * 1024) * 2)
-                .max_message_size(Some(cfg.max_message_bytes))
-                .max_frame_size(Some(cfg.max_message_bytes));
-            // Refusing at the HTTP level when full keeps existing clients
-            // unaffected and tells the new one why (503).
-            #[allow(clippy::result_large_err)] // the signature is tungstenite's
-            let callback = |_req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-                if full {
-                    let mut err = ErrorResponse::new(Some("gateway at max_connections".into()));
-                    *err.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                    return Err(err);
-                }
-                Ok(resp)
+    if full {
+        metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%addr, max = cfg.max_connections, "connection refused: max_connections reached");
+        if spec.protocol == Protocol::Ws {
+            let r = Refusal {
+                status: 503,
+                reason: "gateway at max_connections, retry later".into(),
             };
-            let handshake =
-                tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
-            match tokio::time::timeout(cfg.handshake_timeout(), handshake).await {
-                Ok(Ok(ws)) => {
-                    let (w, r) = ws.split();
-                    (ClientRead::Ws(r), ClientWrite::Ws(w))
-                }
-                Ok(Err(e)) => {
-                    if full {
-                        metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%addr, "connection refused: max_connections reached");
-                    } else {
-                        tracing::debug!(%addr, error = %e, "websocket handshake failed");
-                    }
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "websocket handshake timed out");
-                    return;
-                }
-            }
+            respond_refusal(&mut stream, &r).await;
         }
-        Protocol::Text | Protocol::Frame if full => {
-            metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%addr, "connection refused: max_connections reached");
-            return;
-        }
-        Protocol::Text => transport::text(stream, cfg.max_message_bytes),
-        Protocol::Frame => transport::frame(stream, cfg.max_message_bytes),
-    };
+        return;
+    }
 
     let (sender, queue) = ClientSender::new(QueueLimits {
         messages: cfg.client_queue_messages,
@@ -142,10 +106,72 @@ async fn handle_connection(
     control
         .last_heard_ms
         .store(state.now_ms(), Ordering::Relaxed);
+    let flow = Arc::new(ClientFlow::default());
+    let mut sticky = None;
+
+    let (read, write, client_id, remote_addr) = match spec.protocol {
+        Protocol::Ws => {
+            // Registered now so that the worker can bind, join and set the
+            // session while deciding; invisible to queries until accepted.
+            let client_id = state.hub.add_pending_client(sender);
+            let handshake = tokio::time::timeout(
+                cfg.handshake_timeout(),
+                ws_handshake(&mut stream, addr, &state, client_id, &flow, &mut sticky),
+            )
+            .await;
+            let refusal = match handshake {
+                Ok(Ok(accepted)) => Ok(accepted),
+                Ok(Err(r)) => Err(r),
+                Err(_) => Err(Refusal {
+                    status: 503,
+                    reason: "handshake timed out (no worker answered)".into(),
+                }),
+            };
+            let (remote_addr, leftover) = match refusal {
+                Ok(accepted) => accepted,
+                Err(refusal) => {
+                    state.handshakes.lock().remove(&client_id.seq());
+                    state.hub.remove_client(client_id);
+                    tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "websocket handshake refused");
+                    respond_refusal(&mut stream, &refusal).await;
+                    return;
+                }
+            };
+            state.hub.mark_ready(client_id);
+            let ws_config = WebSocketConfig::default()
+                .read_buffer_size(cfg.ws_read_buffer)
+                .write_buffer_size(0)
+                .max_write_buffer_size(cfg.client_queue_bytes.max(64 * 1024) * 2)
+                .max_message_size(Some(cfg.max_message_bytes))
+                .max_frame_size(Some(cfg.max_message_bytes));
+            let ws = WebSocketStream::from_partially_read(
+                stream,
+                leftover,
+                Role::Server,
+                Some(ws_config),
+            )
+            .await;
+            let (w, r) = ws.split();
+            (
+                ClientRead::Ws(r),
+                ClientWrite::Ws(w),
+                client_id,
+                remote_addr,
+            )
+        }
+        Protocol::Text | Protocol::Frame => {
+            let client_id = state.hub.add_client(sender);
+            let (r, w) = if spec.protocol == Protocol::Text {
+                transport::text(stream, cfg.max_message_bytes)
+            } else {
+                transport::frame(stream, cfg.max_message_bytes)
+            };
+            (r, w, client_id, addr.to_string())
+        }
+    };
     let protocol = spec.protocol.name();
-    let client_id = state.hub.add_client(sender);
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(%client_id, %addr, protocol, "client connected");
+    tracing::debug!(%client_id, %remote_addr, protocol, "client connected");
 
     let writer = tokio::spawn(write_loop(
         write,
@@ -154,9 +180,17 @@ async fn handle_connection(
         state.clone(),
         client_id,
     ));
-    let flow = Arc::new(ClientFlow::default());
-    let (reason, mut sticky) =
-        read_loop(read, &control, &state, client_id, addr, protocol, &flow).await;
+    let reason = read_loop(
+        read,
+        &control,
+        &state,
+        client_id,
+        &remote_addr,
+        protocol,
+        &flow,
+        &mut sticky,
+    )
+    .await;
 
     // Leave every table first so that no later send finds the client, then
     // report the close once, with what the client had.
@@ -169,7 +203,7 @@ async fn handle_connection(
         let event = pb::Event {
             client_id: client_id.to_string(),
             session: removed.session,
-            remote_addr: addr.to_string(),
+            remote_addr,
             kind: Some(pb::event::Kind::Close(pb::Close {
                 reason,
                 uid: removed.uid.as_deref().unwrap_or_default().to_string(),
@@ -193,40 +227,170 @@ async fn handle_connection(
     }
 }
 
+/// Reads the upgrade request, asks a worker, and on acceptance gives the
+/// client the session, uid and groups the worker chose, then answers 101.
+/// Returns the client's real address and any bytes read past the request.
+async fn ws_handshake(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    state: &Arc<State>,
+    client_id: ClientId,
+    flow: &Arc<ClientFlow>,
+    sticky: &mut Option<Arc<WorkerSlot>>,
+) -> Result<(String, Vec<u8>), Refusal> {
+    let cfg = &state.config;
+    let req = read_request(stream, cfg.max_header_bytes).await?;
+    if !cfg.allowed_origins.is_empty() {
+        let origin = req.header("origin").unwrap_or("");
+        if !cfg.allowed_origins.iter().any(|o| o == origin) {
+            tracing::warn!(%addr, origin, "websocket origin refused");
+            return Err(Refusal {
+                status: 403,
+                reason: format!("origin `{origin}` not allowed"),
+            });
+        }
+    }
+    let remote_addr = real_remote_addr(addr, &req, &state.trusted_proxies);
+    if cfg.handshake_to_worker {
+        let (tx, rx) = oneshot::channel();
+        state.handshakes.lock().insert(client_id.seq(), tx);
+        let event = RoutedEvent {
+            seq: client_id.seq(),
+            event: pb::Event {
+                client_id: client_id.to_string(),
+                remote_addr: remote_addr.clone(),
+                kind: Some(pb::event::Kind::Handshake(pb::Handshake {
+                    path: req.path.clone(),
+                    query: req.query.clone(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|(n, v)| pb::Header {
+                            name: n.clone(),
+                            value: v.clone(),
+                        })
+                        .collect(),
+                })),
+                ..Default::default()
+            },
+            flow: flow.clone(),
+        };
+        let dispatched = state
+            .router
+            .dispatch(sticky, event, &state.links_shutdown)
+            .await;
+        let reply = match dispatched {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        state.handshakes.lock().remove(&client_id.seq());
+        let Some(reply) = reply else {
+            return Err(Refusal {
+                status: 503,
+                reason: "no worker answered the handshake".into(),
+            });
+        };
+        if !reply.accept {
+            let status = if (400..600).contains(&reply.status) {
+                reply.status as u16
+            } else {
+                403
+            };
+            return Err(Refusal {
+                status,
+                reason: reply.reason,
+            });
+        }
+        if let Err(e) = apply_accept(state, client_id, reply) {
+            return Err(Refusal {
+                status: 500,
+                reason: format!("worker sent an invalid handshake reply: {e}"),
+            });
+        }
+    }
+    if let Err(e) = respond_upgrade(stream, &req).await {
+        return Err(Refusal {
+            status: 400,
+            reason: e.to_string(),
+        });
+    }
+    Ok((remote_addr, req.leftover))
+}
+
+/// Applies what an accepting worker set: session, uid, groups.
+fn apply_accept(
+    state: &State,
+    client_id: ClientId,
+    reply: pb::HandshakeReply,
+) -> Result<(), String> {
+    let mut cmds = Vec::new();
+    if !reply.session.is_empty() {
+        cmds.push(pb::Command {
+            kind: Some(pb::command::Kind::UpdateSession(pb::UpdateSession {
+                client_id: client_id.to_string(),
+                replace: false,
+                set: reply.session,
+                remove: vec![],
+            })),
+        });
+    }
+    if !reply.uid.is_empty() {
+        cmds.push(pb::Command {
+            kind: Some(pb::command::Kind::BindUid(pb::BindUid {
+                client_id: client_id.to_string(),
+                uid: reply.uid,
+            })),
+        });
+    }
+    for group in reply.groups {
+        cmds.push(pb::Command {
+            kind: Some(pb::command::Kind::JoinGroup(pb::JoinGroup {
+                client_id: client_id.to_string(),
+                group,
+            })),
+        });
+    }
+    for c in cmds {
+        let cmd = gw_protocol::Command::try_from(c).map_err(|e| e.to_string())?;
+        state.hub.execute(cmd).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Reads until the client goes; returns why.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     mut read: ClientRead,
     control: &ClientControl,
     state: &State,
     client_id: ClientId,
-    addr: SocketAddr,
+    remote_addr: &str,
     protocol: &'static str,
     flow: &Arc<ClientFlow>,
-) -> (String, Option<Arc<WorkerSlot>>) {
+    sticky: &mut Option<Arc<WorkerSlot>>,
+) -> String {
     let metrics = &state.hub.metrics;
-    let remote_addr = addr.to_string();
     let event = |kind| RoutedEvent {
         seq: client_id.seq(),
         event: pb::Event {
             client_id: client_id.to_string(),
             session: state.hub.session(client_id),
-            remote_addr: remote_addr.clone(),
+            remote_addr: remote_addr.to_string(),
             kind: Some(kind),
             ..Default::default()
         },
         flow: flow.clone(),
     };
-    let mut sticky = None;
     let connect = event(pb::event::Kind::Connect(pb::Connect {
         protocol: protocol.to_string(),
     }));
     if state
         .router
-        .dispatch(&mut sticky, connect, &state.links_shutdown)
+        .dispatch(sticky, connect, &state.links_shutdown)
         .await
         .is_err()
     {
-        return ("gateway shutting down".into(), sticky);
+        return "gateway shutting down".into();
     }
     let reason = loop {
         let inbound = tokio::select! {
@@ -266,14 +430,14 @@ async fn read_loop(
         }));
         if state
             .router
-            .dispatch(&mut sticky, ev, &state.links_shutdown)
+            .dispatch(sticky, ev, &state.links_shutdown)
             .await
             .is_err()
         {
             break "gateway shutting down".into();
         }
     };
-    (reason, sticky)
+    reason
 }
 
 fn close_reason(code: Option<u16>) -> String {
