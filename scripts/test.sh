@@ -26,3 +26,10 @@ fi
 
 echo "== external clients against the real binaries"
 scripts/test-external.sh
+
+echo "== deploy files (systemd, docker, kubernetes, example configs)"
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml
+python3 tests/deploy/check_deploy.py | tail -n 3
+
+echo "== multi-host cluster in network namespaces"
+tests/multihost/run.sh | tail -n 30

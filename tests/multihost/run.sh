@@ -29,7 +29,7 @@ ROOT=$PWD
 # --- overall time limit: re-run this script under `timeout` ------------------
 if [ -z "${GW_MH_UNDER_TIMEOUT:-}" ]; then
   export GW_MH_UNDER_TIMEOUT=1
-  exec timeout --kill-after=20 "${GW_MH_TIMEOUT:-120}" "$ROOT/tests/multihost/run.sh" "$@"
+  exec timeout --kill-after=20 "${GW_MH_TIMEOUT:-120}" bash "$ROOT/tests/multihost/run.sh" "$@"
 fi
 
 BIN_DIR=${BIN_DIR:-$ROOT/target/debug}
@@ -84,7 +84,11 @@ kill_started() {
 
 cleanup() {
   local rc=$? ns left
-  trap - EXIT INT TERM
+  # Output goes where the script's did, even when a signal arrived inside a
+  # redirected command; a second Ctrl-C / TERM must not cut the cleanup short.
+  exec >&3 2>&4
+  trap '' INT TERM
+  trap - EXIT
   kill_started
   # Host namespaces first (deleting one destroys the host end of its veth and
   # with it the switch end), the switch namespace last.
@@ -109,9 +113,12 @@ cleanup() {
   exit 1
 }
 on_signal() {
+  trap '' INT TERM
+  exec >&3 2>&4
   fail "interrupted by SIG$1 (overall limit GW_MH_TIMEOUT=${GW_MH_TIMEOUT:-120}s, or stopped by hand)"
   exit 1
 }
+exec 3>&1 4>&2  # the script's own stdout/stderr, for the traps
 trap cleanup EXIT
 trap 'on_signal TERM' TERM
 trap 'on_signal INT' INT
@@ -169,6 +176,7 @@ in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
 step "network: switch namespace $SW, hosts ${HOSTS[*]} on $SUBNET_PREFIX.0/$PREFIX_LEN"
 net_ok=1
+in_ns "$SW" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null 2>&1 || true
 ipx "$SW" link set lo up || net_ok=0
 ipx "$SW" link add br0 type bridge || net_ok=0
 ipx "$SW" link set br0 up || net_ok=0
@@ -222,7 +230,7 @@ fi
 start() {
   local name=$1 host=$2
   shift 2
-  ip netns exec "${NS[$host]}" "$@" >"$ART/$name.log" 2>&1 &
+  ip netns exec "${NS[$host]}" "$@" >"$ART/$name.log" 2>&1 3>&- 4>&- &
   pids+=($!)
   pid_names+=("$name")
   local shown="${1##*/} ${*:2}"
@@ -230,18 +238,26 @@ start() {
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s.
-wait_for() {
-  local secs=$1 what=$2 deadline
-  shift 2
-  deadline=$((SECONDS + secs))
-  while [ $SECONDS -lt $deadline ]; do
+# wait_until DEADLINE PID DESCRIPTION COMMAND...: poll COMMAND every 0.2 s
+# until it succeeds, $SECONDS reaches DEADLINE, or process PID (if not "-") is gone.
+wait_until() {
+  local deadline=$1 pid=$2 what=$3
+  shift 3
+  while :; do
     "$@" >/dev/null 2>&1 && return 0
+    if [ "$pid" != - ] && ! kill -0 "$pid" 2>/dev/null; then
+      echo "  gave up waiting for: $what (pid $pid exited)"
+      return 1
+    fi
+    if [ $SECONDS -ge "$deadline" ]; then
+      echo "  timed out waiting for: $what"
+      return 1
+    fi
     sleep 0.2
   done
-  echo "  timed out after ${secs}s waiting for: $what"
-  return 1
 }
+# wait_for SECONDS PID DESCRIPTION COMMAND...
+wait_for() { local secs=$1; shift; wait_until $((SECONDS + secs)) "$@"; }
 # listening HOST ADDR:PORT: a TCP listener on exactly that local address in HOST.
 listening() {
   local out
@@ -260,7 +276,7 @@ REG=${ADDR[reg]}:$REG_PORT
 step "daemons (logs in $ART/)"
 start register reg "$BIN_DIR/gw-register" --listen "$REG" --secret "$SECRET"
 REG_PID=${pids[-1]}
-if wait_for 15 "register listening on $REG" listening reg "$REG" && alive "$REG_PID"; then
+if wait_for 15 "$REG_PID" "register listening on $REG" listening reg "$REG"; then
   pass "register listens on its host address $REG"
 else
   fail "register not listening on $REG (see $ART/register.log)"
@@ -277,13 +293,12 @@ GWB_PID=${pids[-1]}
 for g in gwa gwb; do
   pid=$GWA_PID
   [ "$g" = gwb ] && pid=$GWB_PID
-  if wait_for 15 "$g listening on 0.0.0.0:$INTERNAL_PORT and 0.0.0.0:$WS_PORT" gw_listening "$g" &&
-    alive "$pid"; then
+  if wait_for 15 "$pid" "$g listening on 0.0.0.0:$INTERNAL_PORT and 0.0.0.0:$WS_PORT" gw_listening "$g"; then
     pass "gateway $g binds internal 0.0.0.0:$INTERNAL_PORT and ws 0.0.0.0:$WS_PORT"
   else
     fail "gateway $g not listening (see $ART/gateway-${g#gw}.log)"
   fi
-  if wait_for 15 "$g linked to the register" linked "$g" "$pid" "$REG"; then
+  if wait_for 15 "$pid" "$g linked to the register" linked "$g" "$pid" "$REG"; then
     pass "gateway $g (${ADDR[$g]}) is linked to the register at $REG"
   else
     fail "gateway $g has no connection to the register $REG"
@@ -296,12 +311,13 @@ W1_PID=${pids[-2]}
 W2_PID=${pids[-1]}
 # The only way a worker can reach a gateway's internal port is the advertised
 # address it got from the register: the gateways bind 0.0.0.0, which is no
-# address in the worker's namespace.
+# address in the worker's namespace. One 20 s budget for all four links.
+links_deadline=$((SECONDS + 20))
 for w in "$W1_PID:chat-1" "$W2_PID:chat-2"; do
   pid=${w%%:*}
   name=${w#*:}
   for g in gwa gwb; do
-    if wait_for 20 "$name linked to $g" linked wrk "$pid" "${ADDR[$g]}:$INTERNAL_PORT"; then
+    if wait_until "$links_deadline" "$pid" "$name linked to $g" linked wrk "$pid" "${ADDR[$g]}:$INTERNAL_PORT"; then
       pass "worker $name (wrk ${ADDR[wrk]}) dialed gateway $g at its advertised ${ADDR[$g]}:$INTERNAL_PORT"
     else
       fail "worker $name has no link to gateway $g's advertised ${ADDR[$g]}:$INTERNAL_PORT (see $ART/$name.log)"
@@ -334,10 +350,12 @@ asyncio.run(main())
 PY
 }
 step "clients in namespace cli (${ADDR[cli]}) -> $GWA_URL, $GWB_URL"
-if wait_for 20 "welcome from $GWA_URL" probe "$GWA_URL" && wait_for 20 "welcome from $GWB_URL" probe "$GWB_URL"; then
+welcome_deadline=$((SECONDS + 20))
+if wait_until "$welcome_deadline" - "welcome from $GWA_URL" probe "$GWA_URL" &&
+  wait_until "$welcome_deadline" - "welcome from $GWB_URL" probe "$GWB_URL"; then
   pass "a client on each gateway gets a welcome from a worker"
 else
-  fail "no welcome from the gateways within 20 s"
+  fail "no welcome from the gateways within 20 s (see $ART/chat-*.log and gateway-*.log)"
   exit 1
 fi
 sleep 0.5

@@ -75,6 +75,10 @@ pub(crate) struct WorkerSlot {
 }
 
 impl WorkerSlot {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     fn routable(&self) -> bool {
         self.alive.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
     }

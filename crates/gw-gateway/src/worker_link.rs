@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use gw_link::{error_frame, frame, FramedLink, Peer};
@@ -133,12 +133,31 @@ pub(crate) async fn serve(
     }
     match &end {
         LinkEnd::Shutdown => {
+            // Everything still queued (close events of a stopping gateway
+            // above all) goes to the worker before the goodbye.
+            for mut ev in pending.drain(..).filter(|e| !e.event.redelivered) {
+                ev.event.id = next_id;
+                next_id += 1;
+                if link.feed(frame(Body::Event(ev.event))).await.is_err() {
+                    break;
+                }
+            }
             let _ = link
                 .send(frame(Body::Goodbye(pb::Goodbye {
                     reason: "gateway shutting down".into(),
                 })))
                 .await;
+            // Wait for the worker to close its end: closing ours with its
+            // acks still arriving would reset the connection and could
+            // discard events it has not read yet.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(_)) = link.next().await {}
+            })
+            .await;
             tracing::info!(worker = %peer.node_id, "worker link closed (shutdown)");
+        }
+        LinkEnd::Failed(e) if slot.is_draining() => {
+            tracing::info!(worker = %peer.node_id, reason = %e, pending = pending.len(), "draining worker left")
         }
         LinkEnd::Failed(e) => {
             tracing::warn!(worker = %peer.node_id, error = %e, pending = pending.len(), "worker link lost")

@@ -151,6 +151,7 @@ impl Handle {
             Ok(())
         } else {
             missing.sort();
+            missing.dedup();
             Err(Error::Incomplete { missing })
         }
     }
@@ -199,6 +200,7 @@ impl Handle {
             Ok(out)
         } else {
             missing.sort();
+            missing.dedup();
             Err(Error::Incomplete { missing })
         }
     }

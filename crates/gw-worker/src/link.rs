@@ -183,6 +183,16 @@ async fn session<H: EventHandler>(
             }
         }
         let _ = link.flush().await;
+        // Half-close and read until the gateway closes too: dropping a
+        // socket with unread data resets it, and the reset could discard
+        // our last acks before the gateway reads them (it would then
+        // redeliver events we handled).
+        use tokio::io::AsyncWriteExt;
+        let _ = link.get_mut().shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = link.next().await {}
+        })
+        .await;
     }
     pending.lock().clear();
     end
