@@ -29,7 +29,8 @@ scripts/test-external.sh
 
 echo "== deploy files (systemd, docker, kubernetes, example configs)"
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml
-python3 tests/deploy/check_deploy.py | tail -n 3
+python3 tests/deploy/check_deploy.py > target/deploy-check.log || { cat target/deploy-check.log; exit 1; }
+tail -n 1 target/deploy-check.log
 
 echo "== multi-host cluster in network namespaces"
-tests/multihost/run.sh | tail -n 30
+tests/multihost/run.sh
