@@ -128,6 +128,10 @@ pub struct GatewayConfig {
     /// Ask a worker (`on_handshake`) before completing each WebSocket
     /// upgrade. Off: every upgrade is accepted at once.
     pub handshake_to_worker: bool,
+    /// HTTP push API, health and metrics listener (HOST:PORT). Off if unset.
+    pub api: Option<String>,
+    /// Bearer token the push API requires. Required when `api` is set.
+    pub api_key: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -156,6 +160,8 @@ impl Default for GatewayConfig {
             trusted_proxies: Vec::new(),
             allowed_origins: Vec::new(),
             handshake_to_worker: true,
+            api: None,
+            api_key: None,
         }
     }
 }
@@ -215,6 +221,9 @@ impl GatewayConfig {
         for p in &self.trusted_proxies {
             p.parse::<std::net::IpAddr>()
                 .map_err(|_| bad("trusted_proxies", format!("`{p}` is not an IP address")))?;
+        }
+        if self.api.is_some() && self.api_key.as_deref().is_none_or(|k| k.len() < 16) {
+            return Err(bad("api_key", "set an API key of at least 16 characters for the push API (--api-key or GW_API_KEY)"));
         }
         if self.max_header_bytes < 1024 {
             return Err(bad("max_header_bytes", "must be at least 1024"));

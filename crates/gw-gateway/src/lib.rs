@@ -15,6 +15,7 @@
 //! reconnect"), report every close to the workers, say goodbye on every link.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod client;
 pub mod config;
 mod hub;
@@ -48,6 +49,8 @@ use routing::Router;
 pub struct Listeners {
     pub public: Vec<(ListenSpec, TcpListener)>,
     pub internal: TcpListener,
+    /// The push API / health / metrics listener, if configured.
+    pub api: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -66,7 +69,17 @@ impl Listeners {
                 format!("binding internal listener {}: {e}", config.internal),
             )
         })?;
-        Ok(Listeners { public, internal })
+        let api = match &config.api {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("binding API listener {a}: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Listeners {
+            public,
+            internal,
+            api,
+        })
     }
 
     /// The public listeners as URLs with the ports actually bound.
@@ -267,6 +280,31 @@ pub async fn run_with(
         },
         discovery_stop.clone(),
     );
+    // Push API: a push client of the whole cluster (ourselves included).
+    let api_stop = CancellationToken::new();
+    let mut push_client = None;
+    if let Some(api_listener) = listeners.api {
+        tracing::info!(api = ?api_listener.local_addr().ok(), "push API listening");
+        let mut builder = gw_worker::PushClient::builder()
+            .secret(state.config.secret.clone())
+            .name(format!("api-{gateway_id}"))
+            .heartbeat(state.config.link_heartbeat());
+        for r in &state.config.register {
+            builder = builder.register(r.clone());
+        }
+        match builder.start_push() {
+            Ok(client) => {
+                tokio::spawn(api::serve(
+                    api_listener,
+                    state.clone(),
+                    client.handle(),
+                    api_stop.clone(),
+                ));
+                push_client = Some(client);
+            }
+            Err(e) => tracing::error!(error = %e, "push API not started"),
+        }
+    }
     let _ = ready.send(GatewayHandle {
         gateway_id,
         metrics: metrics.clone(),
@@ -278,6 +316,10 @@ pub async fn run_with(
     tracing::info!(gateway = %gateway_id, clients = state.hub.client_count(), "gateway stopping: closing clients");
     // Leave the register first so workers stop sending us new work.
     discovery_stop.cancel();
+    api_stop.cancel();
+    if let Some(p) = push_client {
+        p.stop().await;
+    }
     state.hub.close_all(codes::CLOSE_GOING_AWAY);
     clients.close();
     if tokio::time::timeout(grace, clients.wait()).await.is_err() {

@@ -38,6 +38,12 @@ struct Cli {
     /// Missed heartbeat intervals before a silent client is closed.
     #[arg(long, env = "GW_PING_MISSED_LIMIT")]
     ping_missed_limit: Option<u32>,
+    /// HTTP push API, /healthz, /readyz and /metrics listener, HOST:PORT (off if unset).
+    #[arg(long, env = "GW_API")]
+    api: Option<String>,
+    /// Bearer token the push API requires.
+    #[arg(long, env = "GW_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
@@ -72,6 +78,12 @@ fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     }
     if let Some(v) = cli.ping_interval_ms {
         config.ping_interval_ms = v;
+    }
+    if let Some(v) = &cli.api {
+        config.api = Some(v.clone());
+    }
+    if let Some(v) = &cli.api_key {
+        config.api_key = Some(v.clone());
     }
     if let Some(v) = cli.ping_missed_limit {
         config.ping_missed_limit = v;

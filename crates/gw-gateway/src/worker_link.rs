@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use gw_link::{error_frame, frame, FramedLink, Peer};
-use gw_protocol::pb::{self, link_frame::Body};
+use gw_protocol::pb::{self, link_frame::Body, Role};
 use gw_protocol::{codes, Command, Query};
 use tokio_util::sync::CancellationToken;
 
@@ -39,8 +39,15 @@ pub(crate) async fn serve(
 ) {
     let cfg = &state.config;
     let (slot, mut queue) = state.router.add(cfg.worker_queue);
+    let is_worker = peer.role == Role::Worker;
+    if !is_worker {
+        // A push client sends commands and queries; it takes no events.
+        state.router.drain(&slot);
+    }
     let metrics = state.hub.metrics.clone();
-    metrics.worker_links.fetch_add(1, Ordering::Relaxed);
+    if is_worker {
+        metrics.worker_links.fetch_add(1, Ordering::Relaxed);
+    }
     tracing::info!(worker = %peer.node_id, addr = %peer.addr, "worker link up");
 
     let window = cfg.worker_inflight.max(1);
@@ -119,7 +126,9 @@ pub(crate) async fn serve(
     // Out of routing first, so that nobody picks this link again, then close
     // the queue and collect what it still holds.
     state.router.remove(&slot);
-    metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
+    if is_worker {
+        metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
+    }
     queue.close();
     let mut pending: Vec<RoutedEvent> = inflight
         .into_values()
@@ -203,18 +212,34 @@ async fn handle_frame(
         }
         Some(Body::Command(c)) => {
             metrics.commands_in.fetch_add(1, Ordering::Relaxed);
+            let id = c.id;
             let result = Command::try_from(c)
                 .map_err(|e| e.to_string())
                 .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
-            if let Err(e) = result {
+            if let Err(e) = &result {
                 metrics.commands_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %peer.node_id, error = %e, "command refused");
-                link.send(frame(Body::Notice(pb::Notice {
+            }
+            let reply = match (id, result) {
+                (0, Ok(_)) => None,
+                (0, Err(e)) => Some(Body::Notice(pb::Notice {
                     code: codes::NOTICE_BAD_COMMAND,
                     message: e,
-                })))
-                .await
-                .map_err(|e| e.to_string())?;
+                })),
+                (id, Ok(n)) => Some(Body::CommandReply(pb::CommandReply {
+                    id,
+                    delivered: n as u64,
+                    ..Default::default()
+                })),
+                (id, Err(e)) => Some(Body::CommandReply(pb::CommandReply {
+                    id,
+                    error_code: codes::NOTICE_BAD_COMMAND,
+                    error: e,
+                    ..Default::default()
+                })),
+            };
+            if let Some(reply) = reply {
+                link.send(frame(reply)).await.map_err(|e| e.to_string())?;
             }
         }
         Some(Body::Query(q)) => {

@@ -533,7 +533,10 @@ impl From<Command> for pb::Command {
                 remove,
             }),
         };
-        pb::Command { kind: Some(kind) }
+        pb::Command {
+            id: 0,
+            kind: Some(kind),
+        }
     }
 }
 
@@ -664,6 +667,7 @@ mod tests {
     #[test]
     fn invalid_commands_are_refused_with_the_field_named() {
         let bad_id = pb::Command {
+            id: 0,
             kind: Some(pb::command::Kind::BindUid(pb::BindUid {
                 client_id: "nope".into(),
                 uid: "u".into(),
@@ -673,6 +677,7 @@ mod tests {
         assert!(err.to_string().contains("client_id"), "{err}");
 
         let empty_uid = pb::Command {
+            id: 0,
             kind: Some(pb::command::Kind::BindUid(pb::BindUid {
                 client_id: cid(1).to_string(),
                 uid: String::new(),
@@ -684,6 +689,7 @@ mod tests {
         );
 
         let bad_text = pb::Command {
+            id: 0,
             kind: Some(pb::command::Kind::SendToAll(pb::SendToAll {
                 payload: Some(pb::Payload {
                     data: Bytes::from_static(&[0xff, 0xfe]),
@@ -697,7 +703,7 @@ mod tests {
             ConversionError::InvalidUtf8
         );
         assert_eq!(
-            Command::try_from(pb::Command { kind: None }).unwrap_err(),
+            Command::try_from(pb::Command { id: 0, kind: None }).unwrap_err(),
             ConversionError::Missing("kind")
         );
     }

@@ -3,6 +3,7 @@
 //! processes), plus a small WebSocket client. Nothing here is a mock.
 #![forbid(unsafe_code)]
 
+pub mod http;
 pub mod process;
 pub mod ws;
 
@@ -95,6 +96,8 @@ pub struct GatewayNode {
     /// Every public listener URL (e.g. `text://...` too).
     pub urls: Vec<String>,
     pub internal_addr: SocketAddr,
+    /// The push API address, if configured.
+    pub api_addr: Option<SocketAddr>,
     pub handle: GatewayHandle,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -142,6 +145,7 @@ pub async fn start_gateway(config: GatewayConfig) -> anyhow::Result<GatewayNode>
     let listeners = Listeners::bind(&config).await?;
     let urls = listeners.public_urls();
     let internal_addr = listeners.internal_addr()?;
+    let api_addr = listeners.api.as_ref().and_then(|l| l.local_addr().ok());
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let stop = shutdown.clone();
@@ -159,6 +163,7 @@ pub async fn start_gateway(config: GatewayConfig) -> anyhow::Result<GatewayNode>
             .unwrap_or_default(),
         urls,
         internal_addr,
+        api_addr,
         handle,
         shutdown,
         task,

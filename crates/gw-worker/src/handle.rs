@@ -43,12 +43,18 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+/// A gateway's answer to a query or a counted command.
+pub(crate) enum Reply {
+    Query(pb::QueryReply),
+    Command(pb::CommandReply),
+}
+
 /// Sender side of one connected gateway link.
 #[derive(Clone)]
 pub(crate) struct LinkSender {
     pub(crate) gateway: GatewayId,
     pub(crate) tx: mpsc::Sender<pb::LinkFrame>,
-    pub(crate) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<pb::QueryReply>>>>,
+    pub(crate) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
 }
 
 pub(crate) struct Inner {
@@ -168,8 +174,10 @@ impl Handle {
         let result = async {
             Self::send_frame(link, frame(Body::Query(q))).await?;
             match tokio::time::timeout(self.inner.query_timeout, rx).await {
-                Ok(Ok(reply)) if reply.error_code != 0 => Err(Error::Refused(reply.error)),
-                Ok(Ok(reply)) => Ok(reply.buckets),
+                Ok(Ok(Reply::Query(reply))) if reply.error_code != 0 => {
+                    Err(Error::Refused(reply.error))
+                }
+                Ok(Ok(Reply::Query(reply))) => Ok(reply.buckets),
                 _ => Err(Error::Incomplete {
                     missing: vec![link.gateway],
                 }),
@@ -222,6 +230,95 @@ impl Handle {
             out.extend(self.query_link(&link, q.clone().into()).await?);
         }
         Ok(out)
+    }
+
+    /// Sends `cmd` to `link` and waits for the gateway's count.
+    async fn command_counted(&self, link: &LinkSender, cmd: &Command) -> Result<u64, Error> {
+        let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let mut wire: pb::Command = cmd.clone().into();
+        wire.id = id;
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().insert(id, tx);
+        let result = async {
+            Self::send_frame(link, frame(Body::Command(wire))).await?;
+            match tokio::time::timeout(self.inner.query_timeout, rx).await {
+                Ok(Ok(Reply::Command(r))) if r.error_code != 0 => Err(Error::Refused(r.error)),
+                Ok(Ok(Reply::Command(r))) => Ok(r.delivered),
+                _ => Err(Error::Incomplete {
+                    missing: vec![link.gateway],
+                }),
+            }
+        }
+        .await;
+        link.pending.lock().remove(&id);
+        result
+    }
+
+    /// Runs any command where it belongs and waits until every gateway
+    /// concerned has applied it; returns how many client connections it
+    /// reached (sends) or affected (membership, sessions, closes).
+    /// This is what the HTTP push API uses. `execute(Command::Ungroup { group: "g".into() })`
+    pub async fn execute(&self, cmd: Command) -> Result<u64, Error> {
+        let targets: Vec<GatewayId> = match &cmd {
+            Command::SendToClients { client_ids, .. } => {
+                let mut g: Vec<GatewayId> = client_ids.iter().map(|c| c.gateway()).collect();
+                g.sort();
+                g.dedup();
+                g
+            }
+            c => match c.target_client() {
+                Some(id) => vec![id.gateway()],
+                None => {
+                    let mut all = self.known_gateways();
+                    all.extend(self.connected_gateways());
+                    all.sort();
+                    all.dedup();
+                    all
+                }
+            },
+        };
+        let mut total = 0;
+        let mut missing = Vec::new();
+        let mut calls = Vec::new();
+        for g in &targets {
+            match self.link(*g) {
+                Ok(link) => calls.push(link),
+                Err(_) => missing.push(*g),
+            }
+        }
+        let results =
+            futures_util::future::join_all(calls.iter().map(|l| self.command_counted(l, &cmd)))
+                .await;
+        for (link, r) in calls.iter().zip(results) {
+            match r {
+                Ok(n) => total += n,
+                Err(Error::Refused(e)) => return Err(Error::Refused(e)),
+                Err(_) => missing.push(link.gateway),
+            }
+        }
+        // A command for one client whose gateway is gone reached nobody:
+        // that is an answer (0), not a failure, when the register no longer
+        // lists the gateway.
+        let known = self.known_gateways();
+        missing.retain(|g| known.contains(g) || self.inner.links.read().contains_key(g));
+        if missing.is_empty() {
+            Ok(total)
+        } else {
+            missing.sort();
+            missing.dedup();
+            Err(Error::Incomplete { missing })
+        }
+    }
+
+    /// Number of clients on each connected gateway (for status displays).
+    pub async fn client_count_per_gateway(&self) -> Result<BTreeMap<GatewayId, usize>, Error> {
+        let answers = self
+            .query_all(Self::scoped(Scope::All, true, false, false))
+            .await?;
+        Ok(answers
+            .iter()
+            .map(|(g, b)| (*g, b.iter().map(|b| b.count as usize).sum()))
+            .collect())
     }
 
     // ----- sending -----

@@ -57,13 +57,16 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 pub use gw_protocol::{ClientId, GatewayId, HandshakeRequest, Payload};
+pub use gw_protocol::{Command, Scope};
 pub use handle::{Error, Handle};
 pub use handler::{CloseInfo, Context, EventHandler, HandshakeDecision};
 pub use session::Session;
-pub use worker::{RunningWorker, Worker, WorkerBuilder, WorkerError};
+pub use worker::{PushClient, RunningWorker, Worker, WorkerBuilder, WorkerError};
 
 /// Settings and clocks every link of one worker shares.
 pub(crate) struct WorkerShared {
+    /// `Worker` (takes events) or `PushClient` (commands and queries only).
+    pub(crate) role: gw_protocol::pb::Role,
     pub(crate) secret: Vec<u8>,
     pub(crate) node_id: String,
     pub(crate) max_frame: usize,

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use gw_link::{frame, Backoff, FramedLink};
-use gw_protocol::pb::{self, link_frame::Body, GatewayInfo, Role};
+use gw_protocol::pb::{self, link_frame::Body, GatewayInfo};
 use gw_protocol::{Event, GatewayId};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{Executor, Job};
-use crate::handle::{Handle, LinkSender};
+use crate::handle::{Handle, LinkSender, Reply};
 use crate::handler::EventHandler;
 use crate::WorkerShared;
 
@@ -44,7 +44,7 @@ pub(crate) async fn run<H: EventHandler>(
     loop {
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
-            r = gw_link::connect(&addr, &shared.secret, Role::Worker, &shared.node_id, shared.max_frame, Duration::from_secs(3)) => r,
+            r = gw_link::connect(&addr, &shared.secret, shared.role, &shared.node_id, shared.max_frame, Duration::from_secs(3)) => r,
         };
         let end = match connected {
             Ok((link, _)) => {
@@ -100,8 +100,7 @@ async fn session<H: EventHandler>(
     stop: &CancellationToken,
 ) -> SessionEnd {
     let (tx, mut rx) = mpsc::channel::<pb::LinkFrame>(shared.link_queue);
-    let pending: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::QueryReply>>>> =
-        Arc::default();
+    let pending: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Reply>>>> = Arc::default();
     handle.inner.links.write().insert(
         gateway,
         LinkSender {
@@ -148,7 +147,12 @@ async fn session<H: EventHandler>(
                     },
                     Some(Body::QueryReply(r)) => {
                         if let Some(waiter) = pending.lock().remove(&r.id) {
-                            let _ = waiter.send(r);
+                            let _ = waiter.send(Reply::Query(r));
+                        }
+                    }
+                    Some(Body::CommandReply(r)) => {
+                        if let Some(waiter) = pending.lock().remove(&r.id) {
+                            let _ = waiter.send(Reply::Command(r));
                         }
                     }
                     Some(Body::Ping(p)) => {

@@ -32,8 +32,44 @@ impl Worker {
             query_timeout: Duration::from_secs(5),
             heartbeat: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
+            role: Role::Worker,
         }
     }
+}
+
+/// A client of the cluster that takes no events: for backends (and tools
+/// like `gwctl`) that push to clients and query them through the internal
+/// links, like GatewayWorker's GatewayClient but with one persistent link
+/// per gateway.
+///
+/// ```no_run
+/// # async fn f() -> anyhow::Result<()> {
+/// let push = gw_worker::PushClient::builder()
+///     .register("127.0.0.1:1236")
+///     .secret("change-me-please")
+///     .connect()
+///     .await?;
+/// push.handle().send_to_uid("u1", "hello").await?;
+/// # Ok(()) }
+/// ```
+pub struct PushClient;
+
+impl PushClient {
+    /// Starts building a push client.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder {
+            role: Role::PushClient,
+            drain_timeout: Duration::from_millis(0),
+            ..Worker::builder()
+        }
+    }
+}
+
+/// The handler of a push client: it never receives events.
+struct NoEvents;
+
+impl EventHandler for NoEvents {
+    async fn on_message(&self, _ctx: &mut crate::Context, _msg: gw_protocol::Payload) {}
 }
 
 /// Why a worker could not start.
@@ -41,6 +77,8 @@ impl Worker {
 pub enum WorkerError {
     #[error("invalid worker config: {0}")]
     Config(String),
+    #[error("cluster unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// Settings of a worker; see each method.
@@ -52,9 +90,61 @@ pub struct WorkerBuilder {
     query_timeout: Duration,
     heartbeat: Duration,
     drain_timeout: Duration,
+    role: Role,
 }
 
 impl WorkerBuilder {
+    /// For push clients: starts, and waits (up to `timeout`) until the
+    /// register has been heard from and every listed gateway is linked.
+    pub async fn connect_within(self, timeout: Duration) -> Result<RunningWorker, WorkerError> {
+        let running = WorkerBuilder {
+            role: Role::PushClient,
+            ..self
+        }
+        .start(NoEvents)?;
+        let handle = running.handle();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let known = handle.known_gateways();
+            if !known.is_empty()
+                && known
+                    .iter()
+                    .all(|g| handle.connected_gateways().contains(g))
+            {
+                return Ok(running);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let msg = if known.is_empty() {
+                    "no gateway listed: is the register reachable, and the secret right?"
+                        .to_string()
+                } else {
+                    format!(
+                        "not all gateways reachable: listed {known:?}, linked {:?}",
+                        handle.connected_gateways()
+                    )
+                };
+                running.stop().await;
+                return Err(WorkerError::Unreachable(msg));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a push client without waiting for any gateway (links come up
+    /// in the background as the register lists gateways).
+    pub fn start_push(self) -> Result<RunningWorker, WorkerError> {
+        WorkerBuilder {
+            role: Role::PushClient,
+            ..self
+        }
+        .start(NoEvents)
+    }
+
+    /// [`connect_within`](Self::connect_within) 5 seconds.
+    pub async fn connect(self) -> Result<RunningWorker, WorkerError> {
+        self.connect_within(Duration::from_secs(5)).await
+    }
+
     /// A register address (HOST:PORT); call again for several registers.
     pub fn register(mut self, addr: impl Into<String>) -> Self {
         self.registers.push(addr.into());
@@ -133,6 +223,7 @@ impl WorkerBuilder {
             .clone()
             .unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
         let shared = Arc::new(WorkerShared {
+            role: self.role,
             secret: self.secret.as_bytes().to_vec(),
             node_id: node_id.clone(),
             max_frame: gw_protocol::frame::DEFAULT_MAX_FRAME,
@@ -148,7 +239,7 @@ impl WorkerBuilder {
             DiscoveryConfig {
                 registers: self.registers.clone(),
                 secret: shared.secret.clone(),
-                role: Role::Worker,
+                role: self.role,
                 node_id: node_id.clone(),
                 announce: None,
                 heartbeat: self.heartbeat,

@@ -317,47 +317,42 @@ async fn ws_handshake(
     Ok((remote_addr, req.leftover))
 }
 
-/// Applies what an accepting worker set: session, uid, groups.
+/// Applies what an accepting worker set: session, uid, groups (validated
+/// like the equivalent commands).
 fn apply_accept(
     state: &State,
     client_id: ClientId,
     reply: pb::HandshakeReply,
 ) -> Result<(), String> {
+    use gw_protocol::domain::name;
+    use gw_protocol::Command;
     let mut cmds = Vec::new();
     if !reply.session.is_empty() {
-        cmds.push(pb::Command {
-            kind: Some(pb::command::Kind::UpdateSession(pb::UpdateSession {
-                client_id: client_id.to_string(),
-                replace: false,
-                set: reply.session,
-                remove: vec![],
-            })),
+        let set = match serde_json::from_slice(&reply.session) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err("session must be a JSON object".into()),
+        };
+        cmds.push(Command::UpdateSession {
+            client_id,
+            replace: false,
+            set,
+            remove: vec![],
         });
     }
     if !reply.uid.is_empty() {
-        cmds.push(pb::Command {
-            kind: Some(pb::command::Kind::BindUid(pb::BindUid {
-                client_id: client_id.to_string(),
-                uid: reply.uid,
-            })),
-        });
+        let uid = name("uid", reply.uid).map_err(|e| e.to_string())?;
+        cmds.push(Command::BindUid { client_id, uid });
     }
     for group in reply.groups {
-        cmds.push(pb::Command {
-            kind: Some(pb::command::Kind::JoinGroup(pb::JoinGroup {
-                client_id: client_id.to_string(),
-                group,
-            })),
-        });
+        let group = name("group", group).map_err(|e| e.to_string())?;
+        cmds.push(Command::JoinGroup { client_id, group });
     }
-    for c in cmds {
-        let cmd = gw_protocol::Command::try_from(c).map_err(|e| e.to_string())?;
+    for cmd in cmds {
         state.hub.execute(cmd).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
-/// Reads until the client goes; returns why.
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
     mut read: ClientRead,
