@@ -86,6 +86,13 @@ impl From<HandleError> for ApiError {
                 missing: vec![g.to_string()],
             },
             HandleError::InvalidArgument(m) => ApiError::bad("arguments", m),
+            HandleError::NoGateway => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "no_gateway",
+                field: None,
+                message: e_msg_no_gateway(),
+                missing: vec![],
+            },
             HandleError::Refused(m) => ApiError {
                 status: StatusCode::BAD_REQUEST,
                 code: "refused",
@@ -95,6 +102,10 @@ impl From<HandleError> for ApiError {
             },
         }
     }
+}
+
+fn e_msg_no_gateway() -> String {
+    "this gateway has not yet learned the cluster from the register".into()
 }
 
 impl IntoResponse for ApiError {

@@ -225,6 +225,18 @@ impl GatewayConfig {
         if self.api.is_some() && self.api_key.as_deref().is_none_or(|k| k.len() < 16) {
             return Err(bad("api_key", "set an API key of at least 16 characters for the push API (--api-key or GW_API_KEY)"));
         }
+        if self.handshake_timeout_ms < 100 {
+            return Err(bad("handshake_timeout_ms", "must be at least 100"));
+        }
+        if self.ping_interval_ms > 0 && self.ping_missed_limit == 0 {
+            return Err(bad(
+                "ping_missed_limit",
+                "must be at least 1 when ping_interval_ms is set",
+            ));
+        }
+        if self.register.iter().any(|r| r.trim().is_empty()) {
+            return Err(bad("register", "an address is empty"));
+        }
         if self.max_header_bytes < 1024 {
             return Err(bad("max_header_bytes", "must be at least 1024"));
         }

@@ -107,7 +107,7 @@ fn init_logging(json: bool) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,
@@ -143,4 +143,20 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("signal received: stopping gracefully");
     shutdown.cancel();
+}
+
+/// Parses flags; a flag error is a configuration error (exit 64), help and
+/// version exit 0.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 64,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    }
 }

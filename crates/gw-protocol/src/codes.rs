@@ -35,7 +35,5 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Close: the client sent nothing for too many ping intervals.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4009;
-/// Close: the gateway holds its maximum number of connections; try later.
-pub const CLOSE_TOO_MANY_CONNECTIONS: u16 = 4013;
 /// Close: an application (worker) closed the client on purpose.
 pub const CLOSE_BY_APPLICATION: u16 = 4500;

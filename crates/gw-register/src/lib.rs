@@ -70,6 +70,12 @@ impl RegisterConfig {
                     .into(),
             });
         }
+        if self.handshake_timeout_ms < 100 {
+            return Err(ConfigError {
+                field: "handshake_timeout_ms",
+                message: "must be at least 100".into(),
+            });
+        }
         if self.peer_timeout_ms < 300 {
             return Err(ConfigError {
                 field: "peer_timeout_ms",

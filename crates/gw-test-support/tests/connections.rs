@@ -401,3 +401,48 @@ async fn partial_answers_name_the_silent_gateway_and_lost_gateways_are_reported(
     c.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_listener_backend_pushes_to_a_uid() -> anyhow::Result<()> {
+    let mut c = Cluster::start(0).await?;
+    let mut cfg = gateway_config(&[c.register_addr]);
+    cfg.listen = vec!["ws://127.0.0.1:0".into(), "text://127.0.0.1:0".into()];
+    c.add_gateway(cfg).await?;
+    c.add_worker(Chat).await?;
+    let (mut user, _) = WsClient::connect_chat(&c.gateways[0].ws_url).await?;
+    user.send_json(json!({"type":"login","uid":"alice"}))
+        .await?;
+    user.recv_type("logged_in").await?;
+    // A WebSocket client may not push.
+    user.send_json(json!({"type":"push","uid":"alice","text":"x"}))
+        .await?;
+    assert_eq!(user.recv_json().await?["type"], "error");
+    // The example script, as a backend job would run it.
+    let text = c.gateways[0]
+        .url("text")
+        .unwrap()
+        .trim_start_matches("text://")
+        .to_string();
+    let (host, port) = text.rsplit_once(':').unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/push-text/push.sh"
+    );
+    let out = tokio::process::Command::new("bash")
+        .args([script, host, port, "alice", r#"{"report":42}"#])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(reply, json!({"type":"pushed","uid":"alice","delivered":1}));
+    assert_eq!(
+        user.recv_json().await?,
+        json!({"type":"push","text":{"report":42}})
+    );
+    c.stop().await;
+    Ok(())
+}

@@ -415,3 +415,75 @@ async fn auth_and_bad_input_get_precise_4xx_errors() -> anyhow::Result<()> {
     api.c.stop().await;
     Ok(())
 }
+
+/// Runs gwctl (blocking: call from `block_in_place`).
+fn gwctl(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = std::process::Command::new(gw_test_support::process::bin_path("gwctl"))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gwctl_shows_status_and_pushes_over_links_and_http() -> anyhow::Result<()> {
+    let mut api = setup().await?;
+    let reg = api.c.register_addr.to_string();
+    let secret = gw_test_support::SECRET;
+    api.cl[2]
+        .send_json(json!({"type":"join","room":"ops"}))
+        .await?;
+    api.cl[2].recv_type("joined").await?;
+    let link = ["--register", reg.as_str(), "--secret", secret];
+    let (code, out, err) =
+        tokio::task::block_in_place(|| gwctl(&[&link[..], &["status"]].concat()))?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 gateway(s), 3 connection(s)"), "{out}");
+    let (code, out, _) =
+        tokio::task::block_in_place(|| gwctl(&[&link[..], &["online-count"]].concat()))?;
+    assert_eq!((code, out.trim()), (0, "3"));
+    let (code, out, _) = tokio::task::block_in_place(|| {
+        gwctl(&[&link[..], &["send-to-group", "ops", "from gwctl"]].concat())
+    })?;
+    assert_eq!((code, out.trim()), (0, "delivered to 1"));
+    assert_eq!(
+        api.cl[2]
+            .recv(Duration::from_secs(5))
+            .await?
+            .into_text()?
+            .as_str(),
+        "from gwctl"
+    );
+    let url = format!("http://{}", api.addr);
+    let http = ["--api", url.as_str(), "--api-key", KEY];
+    let (code, out, _) =
+        tokio::task::block_in_place(|| gwctl(&[&http[..], &["group-count", "ops"]].concat()))?;
+    assert_eq!((code, out.trim()), (0, "1"));
+    let (code, out, _) = tokio::task::block_in_place(|| {
+        gwctl(&[&http[..], &["call", "get_group_id_list", "{}"]].concat())
+    })?;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"ops\""), "{out}");
+    // Useful errors when the cluster is unreachable or the key is wrong.
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        gwctl(&[
+            "--register",
+            "127.0.0.1:1",
+            "--secret",
+            "whatever-secret",
+            "online-count",
+        ])
+    })?;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the cluster"), "{err}");
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        gwctl(&["--api", &url, "--api-key", "nope", "online-count"])
+    })?;
+    assert_eq!(code, 1);
+    assert!(err.contains("unauthorized"), "{err}");
+    api.c.stop().await;
+    Ok(())
+}

@@ -101,7 +101,10 @@ impl<H: EventHandler> Executor<H> {
                     let decision = self.handler.on_handshake(&mut ctx, &req).await;
                     handshake_reply = Some(decision);
                 }
-                EventKind::Connect { .. } => self.handler.on_connect(&mut ctx).await,
+                EventKind::Connect { protocol } => {
+                    ctx.protocol = Some(protocol);
+                    self.handler.on_connect(&mut ctx).await
+                }
                 EventKind::Message(p) => self.handler.on_message(&mut ctx, p).await,
                 EventKind::Close {
                     reason,

@@ -35,6 +35,10 @@ pub enum Error {
     /// The others did: this says exactly which are missing.
     #[error("no answer from gateways {missing:?}")]
     Incomplete { missing: Vec<GatewayId> },
+    /// No gateway is known yet (the register has not answered, or lists
+    /// none): nothing can be sent or asked.
+    #[error("no gateway is known: is the register reachable and the secret right?")]
+    NoGateway,
     /// The gateway refused a query.
     #[error("gateway refused the query: {0}")]
     Refused(String),
@@ -145,6 +149,7 @@ impl Handle {
     }
 
     async fn command_all(&self, cmd: Command) -> Result<(), Error> {
+        self.any_gateway()?;
         // Encode once; each link gets a clone of the same message.
         let f = frame(Body::Command(cmd.into()));
         let mut missing = self.unconnected();
@@ -188,8 +193,17 @@ impl Handle {
         result
     }
 
+    fn any_gateway(&self) -> Result<(), Error> {
+        if self.inner.links.read().is_empty() && self.inner.known.borrow().is_empty() {
+            Err(Error::NoGateway)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Asks every gateway at once.
     async fn query_all(&self, q: Query) -> Result<Answers, Error> {
+        self.any_gateway()?;
         let q: pb::Query = q.into();
         let links = self.links();
         let answers =
@@ -259,6 +273,7 @@ impl Handle {
     /// reached (sends) or affected (membership, sessions, closes).
     /// This is what the HTTP push API uses. `execute(Command::Ungroup { group: "g".into() })`
     pub async fn execute(&self, cmd: Command) -> Result<u64, Error> {
+        self.any_gateway()?;
         let targets: Vec<GatewayId> = match &cmd {
             Command::SendToClients { client_ids, .. } => {
                 let mut g: Vec<GatewayId> = client_ids.iter().map(|c| c.gateway()).collect();

@@ -19,6 +19,8 @@ pub struct Context {
     /// acknowledging it (at-least-once delivery): make handling idempotent
     /// where it matters.
     pub redelivered: bool,
+    /// The client protocol (`ws`, `text`, `frame`), on connect events only.
+    pub protocol: Option<String>,
     /// The client's session; keys changed here are written back after the
     /// hook returns (only those keys).
     pub session: Session,
@@ -38,6 +40,7 @@ impl Context {
             client_id,
             remote_addr,
             redelivered,
+            protocol: None,
             session,
             handle,
         }
@@ -155,8 +158,9 @@ pub trait EventHandler: Send + Sync + 'static {
         async {}
     }
 
-    /// The worker is connected to the cluster and about to take events.
-    /// By default this does nothing.
+    /// The worker has started; gateway links come up in the background
+    /// right after (a send from here may find no gateway yet). Spawn
+    /// background jobs here. By default this does nothing.
     fn on_start(&self, handle: &Handle) -> impl Future<Output = ()> + Send {
         let _ = handle;
         async {}

@@ -187,6 +187,19 @@ impl WorkerBuilder {
                 "register: give at least one register address".into(),
             ));
         }
+        if self.heartbeat < Duration::from_millis(50) {
+            return Err(WorkerError::Config(
+                "heartbeat: must be at least 50 ms".into(),
+            ));
+        }
+        if self.query_timeout.is_zero() {
+            return Err(WorkerError::Config(
+                "query_timeout: must be greater than 0".into(),
+            ));
+        }
+        if self.registers.iter().any(|r| r.trim().is_empty()) {
+            return Err(WorkerError::Config("register: an address is empty".into()));
+        }
         if self.secret.len() < 8 {
             return Err(WorkerError::Config(
                 "secret: set a cluster secret of at least 8 characters".into(),

@@ -91,6 +91,30 @@ impl Chat {
                     }
                 }
             }
+            "push" => {
+                // A backend job on this host writing JSON lines to the
+                // gateway's `text` listener (GatewayWorker's "internal text
+                // gateway" pattern): only local text clients may push.
+                if ctx.session.get("backend") != Some(&Value::Bool(true)) {
+                    return Err(BadRequest(
+                        "push is only for local backends on the text listener".into(),
+                    ));
+                }
+                let uid = field(&msg, "uid")?;
+                let n = handle
+                    .execute(gw_worker::Command::SendToUids {
+                        uids: vec![uid.to_string()],
+                        payload: Payload::from(json!({"type": "push", "text": text})),
+                    })
+                    .await;
+                match n {
+                    Ok(n) => {
+                        ctx.reply(json!({"type": "pushed", "uid": uid, "delivered": n}))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             other => return Err(BadRequest(format!("unknown type `{other}`"))),
         };
         if let Err(e) = result {
@@ -104,6 +128,10 @@ impl Chat {
 
 impl EventHandler for Chat {
     async fn on_connect(&self, ctx: &mut Context) {
+        let local = ctx.remote_addr.starts_with("127.") || ctx.remote_addr.starts_with("[::1]");
+        if ctx.protocol.as_deref() == Some("text") && local {
+            ctx.session.insert("backend", true);
+        }
         let welcome = json!({"type": "welcome", "client_id": ctx.client_id.to_string()});
         let _ = ctx.reply(welcome).await;
     }

@@ -32,7 +32,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -71,6 +71,22 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("gw-chat: {e}");
             ExitCode::from(64)
+        }
+    }
+}
+
+/// Parses flags; a flag error is a configuration error (exit 64), help and
+/// version exit 0.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 64,
+            };
+            let _ = e.print();
+            std::process::exit(code);
         }
     }
 }
