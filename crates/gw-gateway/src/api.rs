@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use axum::body::Bytes as BodyBytes;
 use axum::extract::{DefaultBodyLimit, Path, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
@@ -216,6 +218,16 @@ async fn call_route(
     }
 }
 
+/// Marks a query answer as partial when some gateways did not answer.
+fn mark_partial(mut v: Value, missing: &Mutex<Vec<gw_protocol::GatewayId>>) -> Value {
+    let missing = std::mem::take(&mut *missing.lock());
+    if !missing.is_empty() && v.get("result").is_some() {
+        v["complete"] = json!(false);
+        v["missing_gateways"] = json!(missing.iter().map(ToString::to_string).collect::<Vec<_>>());
+    }
+    v
+}
+
 async fn batch(s: &ApiState, args: Map<String, Value>) -> Result<Value, ApiError> {
     let Some(Value::Array(ops)) = args.get("ops") else {
         return Err(ApiError::bad("ops", "expected an array of operations"));
@@ -416,8 +428,20 @@ pub const METHODS: &[&str] = &[
     "batch",
 ];
 
+/// Runs one method. A query some gateway did not answer in time still
+/// answers, with `"complete": false` and the `missing_gateways`.
 async fn call(s: &ApiState, method: &str, a: &Map<String, Value>) -> Result<Value, ApiError> {
-    let h = &s.push;
+    let (h, missing) = s.push.partial();
+    let v = call_with(s, &h, method, a).await?;
+    Ok(mark_partial(v, &missing))
+}
+
+async fn call_with(
+    s: &ApiState,
+    h: &Handle,
+    method: &str,
+    a: &Map<String, Value>,
+) -> Result<Value, ApiError> {
     let sessions = |m: BTreeMap<ClientId, Map<String, Value>>| {
         Value::Object(
             m.into_iter()

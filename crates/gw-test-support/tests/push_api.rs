@@ -487,3 +487,48 @@ async fn gwctl_shows_status_and_pushes_over_links_and_http() -> anyhow::Result<(
     api.c.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_a_gateway_does_not_answer_is_marked_partial() -> anyhow::Result<()> {
+    let api = setup().await?;
+    let reg = api.c.register_addr.to_string();
+    let ws = gw_test_support::process::free_port();
+    let proc_gw = gw_test_support::process::Proc::spawn(
+        "gw-gateway",
+        &[
+            "--register",
+            &reg,
+            "--secret",
+            gw_test_support::SECRET,
+            "--listen",
+            &format!("ws://127.0.0.1:{ws}"),
+            "--internal",
+            "127.0.0.1:0",
+        ],
+    )?;
+    let (_c, id) = loop {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            WsClient::connect_chat(&format!("ws://127.0.0.1:{ws}")),
+        )
+        .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let addr = api.addr.clone();
+    wait_until(Duration::from_secs(10), "the API to count 4 clients", || {
+        let a = addr.clone();
+        async move { matches!(api_call(&a, KEY, "get_client_count", &json!({})).await, Ok((200, v)) if v["result"] == 4) }
+    })
+    .await?;
+    proc_gw.signal("STOP");
+    let v = call(&api, "get_client_count", json!({})).await?;
+    proc_gw.signal("CONT");
+    assert_eq!(v["result"], 3, "{v}");
+    assert_eq!(v["complete"], false);
+    assert_eq!(v["missing_gateways"], json!([&id[..12]]));
+    api.c.stop().await;
+    Ok(())
+}

@@ -72,6 +72,9 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Handle {
     pub(crate) inner: Arc<Inner>,
+    /// Set on a [`Handle::partial`] handle: queries answer with what they
+    /// got and record the gateways that did not answer here.
+    partial: Option<Arc<Mutex<Vec<GatewayId>>>>,
 }
 
 fn check_name(field: &str, s: &str) -> Result<(), Error> {
@@ -94,7 +97,24 @@ impl Handle {
                 query_timeout,
                 next_query: AtomicU64::new(1),
             }),
+            partial: None,
         }
+    }
+
+    /// A handle whose queries, instead of failing with
+    /// [`Error::Incomplete`], answer with what the gateways that did answer
+    /// said; the ones that did not are listed in the returned cell (read it
+    /// after the call). For callers that prefer a marked partial answer to
+    /// none, like the HTTP API.
+    pub fn partial(&self) -> (Handle, Arc<Mutex<Vec<GatewayId>>>) {
+        let missing = Arc::new(Mutex::new(Vec::new()));
+        (
+            Handle {
+                inner: self.inner.clone(),
+                partial: Some(missing.clone()),
+            },
+            missing,
+        )
     }
 
     /// Gateways this worker is connected to now.
@@ -218,11 +238,14 @@ impl Handle {
                 Err(_) => missing.push(link.gateway),
             }
         }
+        missing.sort();
+        missing.dedup();
         if missing.is_empty() {
             Ok(out)
+        } else if let Some(cell) = &self.partial {
+            cell.lock().extend(missing);
+            Ok(out)
         } else {
-            missing.sort();
-            missing.dedup();
             Err(Error::Incomplete { missing })
         }
     }
