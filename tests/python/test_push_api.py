@@ -526,6 +526,17 @@ def test_documented_methods_are_exactly_api_rs_methods():
     assert set(OTHER_PATHS) == {"/healthz", "/readyz", "/metrics"}, OTHER_PATHS
 
 
+def test_documented_error_codes_are_exactly_api_rs_codes():
+    codes = set(re.findall(r'code: "([a-z_]+)"', API_RS))
+    assert codes, "no error codes found in api.rs"
+    documented = set(SPEC["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
+    assert documented == codes, (
+        f"in api.rs only: {sorted(codes - documented)}; in openapi.yaml only: {sorted(documented - codes)}")
+    in_guide = set(re.findall(r"^\| \d{3} \| `([a-z_]+)` \|", GUIDE, re.M))
+    assert in_guide == codes, (
+        f"push-api.md's error table: missing {sorted(codes - in_guide)}, extra {sorted(in_guide - codes)}")
+
+
 def test_openapi_document_is_well_formed():
     assert SPEC["openapi"] == "3.0.3"
     schemes = SPEC["components"]["securitySchemes"]
@@ -744,6 +755,11 @@ def test_openapi_unreachable_gateway_is_502(path):
     ctype, schema, _ = response_for(post_op(path), 502)
     body = {**request_media(path)["example"], "client_id": DEAD_ID}
     r = api(method_of(path), body)
+    if method_of(path) == "is_online":
+        # Documented: a gateway that is not in the cluster at all means offline
+        # (502 is for a listed gateway that cannot be reached).
+        assert (r.status, r.json()) == (200, {"ok": True, "result": False}), r
+        return
     assert r.status == 502, r
     assert r.content_type == ctype
     v = r.json()
@@ -826,6 +842,8 @@ async def test_sends_arrive_as_text_json_and_binary_frames_on_both_gateways():
         for c in (c2, c3):
             m = await c.expect(lambda m: isinstance(m, str) and '"notice"' in m)
             assert json.loads(m) == data
+            compact = json.dumps(json.loads(m), separators=(",", ":"), ensure_ascii=False)
+            assert len(m) == len(compact), f"not compact JSON text: {m!r}"
         # base64: a binary frame; exclude is honoured
         r = await aapi_ok("send_to_group", s.to_real(
             {"group": "room1", "data": "AAEC", "encoding": "base64", "exclude": [DOC_IDS[0]]}))
@@ -847,6 +865,44 @@ async def test_sends_arrive_as_text_json_and_binary_frames_on_both_gateways():
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4500, closed.value
         # its uid binding went with it
         assert (await aapi_ok("get_client_id_by_uid", s.to_real({"uid": "bob"})))["result"] == [c3.client_id]
+
+    await run_in_scene(go)
+
+
+@run_async
+async def test_documented_counting_rules():
+    """The `affected` / `delivered` rules stated in openapi.yaml and push-api.md."""
+
+    async def go(s):
+        c1, c2, c3 = DOC_IDS
+
+        async def n(method, body):
+            v = await aapi_ok(method, s.to_real(body))
+            return v.get("affected", v.get("delivered"))
+
+        assert await n("join_group", {"client_id": c1, "group": "room1"}) == 1  # already a member
+        assert await n("leave_group", {"client_id": c2, "group": "room1"}) == 0  # not a member
+        assert await n("unbind_uid", {"client_id": c2}) == 1
+        assert await n("unbind_uid", {"client_id": c2}) == 0  # no uid left
+        assert await n("bind_uid", {"client_id": c2, "uid": "carol"}) == 1
+        assert (await aapi_ok("get_uid_by_client_id", s.to_real({"client_id": c2})))["result"] == s.fwd["carol"]
+        assert await n("bind_uid", {"client_id": c1, "uid": "carol"}) == 1  # replaces alice
+        assert (await aapi_ok("is_uid_online", s.to_real({"uid": "alice"})))["result"] is False
+        assert await n("send_to_clients", {"client_ids": [c3, c3], "data": "twice"}) == 2
+        assert await n("send_to_uids", {"uids": ["bob", "bob"], "data": "twice"}) == 2
+        assert await n("send_to_uids", {"uids": [], "data": "nobody"}) == 0
+        assert await n("update_session", {"client_id": c3, "session": {"name": None, "k": 1}}) == 1
+        assert (await aapi_ok("get_session", s.to_real({"client_id": c3})))["result"] == {"name": None, "k": 1}
+        assert await n("ungroup", {"group": "room1"}) == 2
+        assert await n("ungroup", {"group": "room1"}) == 0
+        assert await n("destroy_client", {"client_id": c3}) == 1
+        for _ in range(50):  # the close completes on the other gateway
+            if not (await aapi_ok("is_online", s.to_real({"client_id": c3})))["result"]:
+                break
+            await asyncio.sleep(0.1)
+        assert await n("close_client", {"client_id": c3}) == 0
+        assert (await aapi_ok("get_session", s.to_real({"client_id": c3})))["result"] is None
+        assert (await aapi_ok("get_uid_by_client_id", s.to_real({"client_id": c3})))["result"] is None
 
     await run_in_scene(go)
 

@@ -146,7 +146,7 @@ impl Default for GatewayConfig {
             client_queue_messages: 1024,
             client_queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
-            ws_read_buffer: 4096,
+            ws_read_buffer: 1024,
             handshake_timeout_ms: 10_000,
             ping_interval_ms: 25_000,
             ping_missed_limit: 2,

@@ -114,9 +114,12 @@ async fn handle_connection(
             // Registered now so that the worker can bind, join and set the
             // session while deciding; invisible to queries until accepted.
             let client_id = state.hub.add_pending_client(sender);
+            // Boxed: the handshake's state is needed only briefly, and kept
+            // inline it would make every connection's future larger for
+            // its whole life.
             let handshake = tokio::time::timeout(
                 cfg.handshake_timeout(),
-                ws_handshake(&mut stream, addr, &state, client_id, &flow, &mut sticky),
+                Box::pin(ws_handshake(&mut stream, addr, &state, client_id, &flow, &mut sticky)),
             )
             .await;
             let refusal = match handshake {
@@ -216,9 +219,7 @@ async fn handle_connection(
             event,
             flow,
         };
-        if state
-            .router
-            .dispatch(&mut sticky, routed, &state.links_shutdown)
+        if Box::pin(state.router.dispatch(&mut sticky, routed, &state.links_shutdown))
             .await
             .is_err()
         {

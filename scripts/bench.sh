@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the issue-5 scenarios with gw-bench against a release cluster of
+# 1 register + 1 gateway + 1 chat worker on loopback, one-threaded
+# generator. Every run is bounded; the cluster is stopped by PID at the end.
+#
+#   scripts/bench.sh            # figures as tables; JSON in target/bench/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --workspace --bins --quiet
+B=target/release
+OUT=target/bench
+mkdir -p "$OUT"
+S=bench-secret-123
+REG=127.0.0.1:19236
+WS=ws://127.0.0.1:19272
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+$B/gw-register --listen $REG --secret $S 2>"$OUT/register.log" & pids+=($!)
+$B/gw-gateway --register $REG --secret $S --listen $WS --internal 127.0.0.1:19290 --ping-interval-ms 0 2>"$OUT/gateway.log" & pids+=($!); GW=$!
+$B/gw-chat --register $REG --secret $S 2>"$OUT/chat.log" & pids+=($!); W=$!
+sleep 1.5
+run() {
+  local name=$1; shift
+  echo "== $name: gw-bench $*"
+  $B/gw-bench "$@" --url $WS --pid $GW --pid $W --duration-limit 120 --json "$OUT/$name.json" 2>&1 \
+    | grep -E "deliveries/s|connects|latency|connect ms|KiB|lost|duplicated|reordered|server cpu|result" || true
+}
+run conns-10k      conns --count 10000 --rate 5000 --hold 3
+run fanout-10x100  fanout --rooms 10 --members 100 --senders 2 --messages 200 --window 16
+run fanout-1x1000  fanout --rooms 1 --members 1000 --senders 1 --messages 300 --window 8
+run fanout-light   fanout --rooms 10 --members 100 --senders 1 --messages 100 --window 1
+run echo-100       echo --clients 100 --window 8 --messages 2000
+run echo-light     echo --clients 10 --window 1 --messages 2000
+run whisper-200    whisper --clients 200 --messages 100 --window 16
+for size in 10 100 1000; do
+  run "growth-room-$size" fanout --rooms 1 --members "$size" --senders 1 --messages $((200000 / size / 10 + 20)) --window 8
+done
