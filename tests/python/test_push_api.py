@@ -667,9 +667,6 @@ def _bad_values(sch, recurse=True):
 def _bad_input_param(case):
     path, field, label, body = case
     marks = []
-    if field == "encoding" and label == "wrong type":
-        marks.append(pytest.mark.xfail(
-            strict=True, reason="api.rs ignores an `encoding` that is not a string (sends as text)"))
     return pytest.param(path, field, body, id=f"{method_of(path)}-{field}-{label}", marks=marks)
 
 
@@ -742,7 +739,6 @@ def test_request_body_over_the_transport_limit_is_413():
     assert r.status == 413, r
 
 
-@pytest.mark.xfail(strict=True, reason="a body over the transport limit gets axum's plain-text 413, not the JSON error")
 def test_request_body_over_the_transport_limit_is_a_json_error():
     limit = 2 * MAX_MESSAGE_BYTES + 64 * 1024
     r = api("send_to_all", {"data": "x" * (limit + 1)})

@@ -173,7 +173,7 @@ async fn call_route(
     AxState(s): AxState<Arc<ApiState>>,
     Path(method): Path<String>,
     headers: HeaderMap,
-    body: BodyBytes,
+    body: Result<BodyBytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let token = headers
         .get("authorization")
@@ -191,6 +191,24 @@ async fn call_route(
         }
         .into_response();
     }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.status();
+            return ApiError {
+                status,
+                code: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "payload_too_large"
+                } else {
+                    "malformed_json"
+                },
+                field: Some("body".into()),
+                message: e.body_text(),
+                missing: vec![],
+            }
+            .into_response();
+        }
+    };
     let args = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -334,7 +352,17 @@ fn payload(
         None => return Err(ApiError::bad("data", "is required")),
         Some(d) => d,
     };
-    let p = match (args.get("encoding").and_then(Value::as_str), data) {
+    let encoding = match args.get("encoding") {
+        None => None,
+        Some(Value::String(e)) => Some(e.as_str()),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "encoding",
+                "must be a string: \"text\" or \"base64\"",
+            ))
+        }
+    };
+    let p = match (encoding, data) {
         (Some("base64"), Value::String(b)) => Payload::binary(
             base64::engine::general_purpose::STANDARD
                 .decode(b)

@@ -20,13 +20,16 @@ use bytes::Bytes;
 use gw_protocol::domain::Payload;
 use gw_protocol::pb;
 use gw_protocol::{codes, ClientId, Command, GatewayId, Query, Scope};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+
+/// Interest changes buffered per link before it falls back to a snapshot.
+const INTEREST_BACKLOG: usize = 4096;
 
 /// Number of shards per table.
 pub(crate) const SHARDS: usize = 32;
@@ -197,6 +200,42 @@ pub(crate) struct Hub {
     /// Limit on bytes queued per client.
     max_queue_bytes: usize,
     pub(crate) metrics: Arc<Metrics>,
+    /// A group or uid gained its first or lost its last member here.
+    interest: broadcast::Sender<InterestChange>,
+    /// Held shared while a change is made and announced, exclusively while
+    /// a link takes a snapshot and subscribes: so a snapshot never misses,
+    /// nor is overtaken by, a change.
+    interest_epoch: RwLock<()>,
+}
+
+/// Which membership table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Table {
+    Groups,
+    Uids,
+}
+
+/// A change of this gateway's interest set.
+#[derive(Debug, Clone)]
+pub(crate) struct InterestChange {
+    pub(crate) table: Table,
+    pub(crate) key: Arc<str>,
+    pub(crate) added: bool,
+}
+
+impl InterestChange {
+    /// The change as a link frame body.
+    pub(crate) fn to_pb(&self) -> pb::Interest {
+        let mut i = pb::Interest::default();
+        let k = self.key.to_string();
+        match (self.table, self.added) {
+            (Table::Groups, true) => i.groups_added.push(k),
+            (Table::Groups, false) => i.groups_removed.push(k),
+            (Table::Uids, true) => i.uids_added.push(k),
+            (Table::Uids, false) => i.uids_removed.push(k),
+        }
+        i
+    }
 }
 
 /// A command that names something it cannot act on.
@@ -220,7 +259,69 @@ impl Hub {
             groups: Sharded::new(),
             max_queue_bytes,
             metrics,
+            interest: broadcast::channel(INTEREST_BACKLOG).0,
+            interest_epoch: RwLock::new(()),
         }
+    }
+
+    fn table(&self, t: Table) -> &Sharded<Arc<str>, Members> {
+        match t {
+            Table::Groups => &self.groups,
+            Table::Uids => &self.uids,
+        }
+    }
+
+    /// Adds a member, announcing the key if it is new here.
+    fn add_member(&self, t: Table, key: Arc<str>, seq: u64, sender: ClientSender) {
+        let _epoch = self.interest_epoch.read();
+        let mut shard = self.table(t).shard(&*key).lock();
+        let members = shard.entry(key.clone()).or_default();
+        let first = members.is_empty();
+        members.insert(seq, sender);
+        if first {
+            let _ = self.interest.send(InterestChange {
+                table: t,
+                key,
+                added: true,
+            });
+        }
+    }
+
+    /// Removes a member, announcing the key if it has no member left.
+    fn remove_member(&self, t: Table, key: &str, seq: u64) {
+        let _epoch = self.interest_epoch.read();
+        let mut shard = self.table(t).shard(key).lock();
+        if let Some(members) = shard.get_mut(key) {
+            members.remove(&seq);
+            if members.is_empty() {
+                if let Some((k, _)) = shard.remove_entry(key) {
+                    let _ = self.interest.send(InterestChange {
+                        table: t,
+                        key: k,
+                        added: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The full interest set now, and the changes after it.
+    pub(crate) fn interest_snapshot(&self) -> (pb::Interest, broadcast::Receiver<InterestChange>) {
+        let _epoch = self.interest_epoch.write();
+        let rx = self.interest.subscribe();
+        let keys = |t: &Sharded<Arc<str>, Members>| -> Vec<String> {
+            t.shards
+                .iter()
+                .flat_map(|s| s.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>())
+                .collect()
+        };
+        let snapshot = pb::Interest {
+            reset: true,
+            groups_added: keys(&self.groups),
+            uids_added: keys(&self.uids),
+            ..Default::default()
+        };
+        (snapshot, rx)
     }
 
     /// Registers a new, ready client and returns its id.
@@ -260,11 +361,11 @@ impl Hub {
         let seq = id.seq();
         let entry = self.clients.shard(&seq).lock().remove(&seq)?;
         if let Some(uid) = &entry.uid {
-            remove_member(&self.uids, uid, seq);
+            self.remove_member(Table::Uids, uid, seq);
         }
         let mut groups = Vec::with_capacity(entry.groups.len());
         for g in entry.groups {
-            remove_member(&self.groups, &g, seq);
+            self.remove_member(Table::Groups, &g, seq);
             groups.push(g.to_string());
         }
         groups.sort();
@@ -404,14 +505,9 @@ impl Hub {
                 };
                 // One uid per client: binding again moves it.
                 if let Some(old) = entry.uid.take() {
-                    remove_member(&self.uids, &old, seq);
+                    self.remove_member(Table::Uids, &old, seq);
                 }
-                self.uids
-                    .shard(&*uid)
-                    .lock()
-                    .entry(uid.clone())
-                    .or_default()
-                    .insert(seq, entry.sender.clone());
+                self.add_member(Table::Uids, uid.clone(), seq, entry.sender.clone());
                 entry.uid = Some(uid);
                 Ok(1)
             }
@@ -419,7 +515,7 @@ impl Hub {
                 let seq = self.local_seq(client_id)?;
                 let mut clients = self.clients.shard(&seq).lock();
                 if let Some(old) = clients.get_mut(&seq).and_then(|e| e.uid.take()) {
-                    remove_member(&self.uids, &old, seq);
+                    self.remove_member(Table::Uids, &old, seq);
                     return Ok(1);
                 }
                 Ok(0)
@@ -432,12 +528,7 @@ impl Hub {
                     return Ok(0);
                 };
                 if entry.groups.insert(group.clone()) {
-                    self.groups
-                        .shard(&*group)
-                        .lock()
-                        .entry(group)
-                        .or_default()
-                        .insert(seq, entry.sender.clone());
+                    self.add_member(Table::Groups, group, seq, entry.sender.clone());
                 }
                 Ok(1)
             }
@@ -448,7 +539,7 @@ impl Hub {
                     return Ok(0);
                 };
                 if entry.groups.remove(group.as_str()) {
-                    remove_member(&self.groups, group.as_str(), seq);
+                    self.remove_member(Table::Groups, group.as_str(), seq);
                     return Ok(1);
                 }
                 Ok(0)
@@ -643,16 +734,6 @@ impl Hub {
 
 /// Close code the writer treats as "drop now, skip the queue".
 pub(crate) const CLOSE_IMMEDIATE: u16 = 4501;
-
-fn remove_member(table: &Sharded<Arc<str>, Members>, key: &str, seq: u64) {
-    let mut shard = table.shard(key).lock();
-    if let Some(members) = shard.get_mut(key) {
-        members.remove(&seq);
-        if members.is_empty() {
-            shard.remove(key);
-        }
-    }
-}
 
 pub(crate) fn parse_session(b: &[u8]) -> Map<String, Value> {
     if b.is_empty() {

@@ -50,6 +50,17 @@ pub(crate) async fn serve(
     }
     tracing::info!(worker = %peer.node_id, addr = %peer.addr, "worker link up");
 
+    // Our interest set first; changes follow as they happen.
+    let (snapshot, mut interest) = state.hub.interest_snapshot();
+    if let Err(e) = link.send(frame(Body::Interest(snapshot))).await {
+        tracing::warn!(worker = %peer.node_id, error = %e, "worker link failed at start");
+        state.router.remove(&slot);
+        if is_worker {
+            metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
+        }
+        return;
+    }
+
     let window = cfg.worker_inflight.max(1);
     let mut inflight: BTreeMap<u64, RoutedEvent> = BTreeMap::new();
     let mut next_id: u64 = 1;
@@ -93,6 +104,32 @@ pub(crate) async fn serve(
                     break LinkEnd::Failed(e.to_string());
                 }
             }
+            change = interest.recv() => {
+                let body = match change {
+                    Ok(first) => {
+                        // Coalesce what is ready into one frame.
+                        let mut delta = first.to_pb();
+                        while let Ok(c) = interest.try_recv() {
+                            let d = c.to_pb();
+                            delta.groups_added.extend(d.groups_added);
+                            delta.groups_removed.extend(d.groups_removed);
+                            delta.uids_added.extend(d.uids_added);
+                            delta.uids_removed.extend(d.uids_removed);
+                        }
+                        delta
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind: start over from a full snapshot.
+                        let (snapshot, rx) = state.hub.interest_snapshot();
+                        interest = rx;
+                        snapshot
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break LinkEnd::Shutdown,
+                };
+                if let Err(e) = link.send(frame(Body::Interest(body))).await {
+                    break LinkEnd::Failed(e.to_string());
+                }
+            }
             f = link.next() => {
                 let f = match f {
                     None => break LinkEnd::Failed("worker closed the link".into()),
@@ -105,7 +142,40 @@ pub(crate) async fn serve(
                     Some(Ok(f)) => f,
                 };
                 last_heard = Instant::now();
-                match handle_frame(&state, &peer, &slot, f, &mut inflight, &mut link).await {
+                // A join or bind from this link is confirmed to it as
+                // interest, after every older interest change: the worker
+                // counts its own joins as interest until then.
+                let confirm = match &f.body {
+                    Some(Body::Command(pb::Command { kind: Some(pb::command::Kind::JoinGroup(j)), .. })) => {
+                        Some(pb::Interest { groups_added: vec![j.group.clone()], ..Default::default() })
+                    }
+                    Some(Body::Command(pb::Command { kind: Some(pb::command::Kind::BindUid(b)), .. })) => {
+                        Some(pb::Interest { uids_added: vec![b.uid.clone()], ..Default::default() })
+                    }
+                    _ => None,
+                };
+                if confirm.is_some() {
+                    let mut older = pb::Interest::default();
+                    while let Ok(c) = interest.try_recv() {
+                        let d = c.to_pb();
+                        older.groups_added.extend(d.groups_added);
+                        older.groups_removed.extend(d.groups_removed);
+                        older.uids_added.extend(d.uids_added);
+                        older.uids_removed.extend(d.uids_removed);
+                    }
+                    if older != pb::Interest::default() {
+                        if let Err(e) = link.feed(frame(Body::Interest(older))).await {
+                            break LinkEnd::Failed(e.to_string());
+                        }
+                    }
+                }
+                let mut applied = 0;
+                match handle_frame(&state, &peer, &slot, f, &mut inflight, &mut link, &mut applied).await {
+                    Ok(None) if confirm.is_some() && applied > 0 => {
+                        if let Err(e) = link.send(frame(Body::Interest(confirm.expect("checked")))).await {
+                            break LinkEnd::Failed(e.to_string());
+                        }
+                    }
                     Ok(None) => {}
                     Ok(Some(end)) => break end,
                     Err(e) => break LinkEnd::Failed(e),
@@ -200,6 +270,7 @@ async fn handle_frame(
     f: pb::LinkFrame,
     inflight: &mut BTreeMap<u64, RoutedEvent>,
     link: &mut FramedLink,
+    applied: &mut usize,
 ) -> Result<Option<LinkEnd>, String> {
     let metrics = &state.hub.metrics;
     match f.body {
@@ -216,6 +287,9 @@ async fn handle_frame(
             let result = Command::try_from(c)
                 .map_err(|e| e.to_string())
                 .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
+            if let Ok(n) = &result {
+                *applied = *n;
+            }
             if let Err(e) = &result {
                 metrics.commands_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %peer.node_id, error = %e, "command refused");

@@ -11,7 +11,7 @@
 //! ordered link and the gateway applies them in order, so a query issued
 //! after a command (from the same worker) sees its effect.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +61,71 @@ pub(crate) struct LinkSender {
     pub(crate) pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
 }
 
+/// The groups and uids a gateway has members for (its `Interest`).
+#[derive(Debug, Default)]
+pub(crate) struct GatewayInterest {
+    pub(crate) groups: HashSet<String>,
+    pub(crate) uids: HashSet<String>,
+    /// Keys this worker joined or bound there and the gateway has not
+    /// confirmed yet. They count as interest even if a removal sent before
+    /// our join arrives in between (it is older than our join).
+    /// The gateway confirms each join/bind of ours with an `Interest`
+    /// frame (after any older change); an entry unconfirmed for long (the
+    /// client was gone) expires.
+    pending_groups: HashMap<String, std::time::Instant>,
+    pending_uids: HashMap<String, std::time::Instant>,
+}
+
+/// How long an unconfirmed join or bind counts as interest.
+const PENDING_TTL: Duration = Duration::from_secs(10);
+
+impl GatewayInterest {
+    /// Applies an `Interest` frame (a full set when `reset`).
+    pub(crate) fn apply(&mut self, i: pb::Interest) {
+        if i.reset {
+            self.groups.clear();
+            self.uids.clear();
+        }
+        for g in i.groups_removed {
+            self.groups.remove(&g);
+        }
+        for u in i.uids_removed {
+            self.uids.remove(&u);
+        }
+        for g in &i.groups_added {
+            self.pending_groups.remove(g);
+        }
+        for u in &i.uids_added {
+            self.pending_uids.remove(u);
+        }
+        self.pending_groups.retain(|_, t| t.elapsed() < PENDING_TTL);
+        self.pending_uids.retain(|_, t| t.elapsed() < PENDING_TTL);
+        self.groups.extend(i.groups_added);
+        self.uids.extend(i.uids_added);
+    }
+
+    fn has_group(&self, g: &str) -> bool {
+        self.groups.contains(g)
+            || self
+                .pending_groups
+                .get(g)
+                .is_some_and(|t| t.elapsed() < PENDING_TTL)
+    }
+
+    fn has_uid(&self, u: &str) -> bool {
+        self.uids.contains(u)
+            || self
+                .pending_uids
+                .get(u)
+                .is_some_and(|t| t.elapsed() < PENDING_TTL)
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) links: RwLock<HashMap<GatewayId, LinkSender>>,
+    /// Interest per linked gateway; a gateway missing here has not sent
+    /// its set yet and gets every group and uid message.
+    pub(crate) interest: RwLock<HashMap<GatewayId, GatewayInterest>>,
     pub(crate) known: watch::Receiver<GatewayList>,
     pub(crate) query_timeout: Duration,
     next_query: AtomicU64,
@@ -93,6 +156,7 @@ impl Handle {
         Handle {
             inner: Arc::new(Inner {
                 links: RwLock::new(HashMap::new()),
+                interest: RwLock::new(HashMap::new()),
                 known,
                 query_timeout,
                 next_query: AtomicU64::new(1),
@@ -163,17 +227,59 @@ impl Handle {
             .map_err(|_| Error::GatewayUnavailable(link.gateway))
     }
 
+    /// Whether `gateway` may have recipients for `cmd`: only group and uid
+    /// sends (and ungroup) are narrowed by interest; everything else goes
+    /// to every gateway.
+    fn interested(&self, gateway: GatewayId, cmd: &Command) -> bool {
+        let interest = self.inner.interest.read();
+        let Some(i) = interest.get(&gateway) else {
+            return true;
+        };
+        match cmd {
+            Command::SendToGroups { groups, .. } => groups.iter().any(|g| i.has_group(g)),
+            Command::Ungroup { group } => i.has_group(group),
+            Command::SendToUids { uids, .. } => uids.iter().any(|u| i.has_uid(u)),
+            _ => true,
+        }
+    }
+
+    /// Our own joins and binds count as interest at once, before the
+    /// gateway's confirmation arrives: a send right after a join (from this
+    /// worker) must reach the new member (read-your-writes).
+    fn note_interest(&self, gateway: GatewayId, cmd: &Command) {
+        let mut interest = self.inner.interest.write();
+        if let Some(i) = interest.get_mut(&gateway) {
+            match cmd {
+                Command::JoinGroup { group, .. } => {
+                    i.pending_groups
+                        .insert(group.clone(), std::time::Instant::now());
+                }
+                Command::BindUid { uid, .. } => {
+                    i.pending_uids
+                        .insert(uid.clone(), std::time::Instant::now());
+                }
+                _ => {}
+            }
+        }
+    }
+
     async fn command_to(&self, gateway: GatewayId, cmd: Command) -> Result<(), Error> {
         let link = self.link(gateway)?;
+        self.note_interest(gateway, &cmd);
         Self::send_frame(&link, frame(Body::Command(cmd.into()))).await
     }
 
     async fn command_all(&self, cmd: Command) -> Result<(), Error> {
         self.any_gateway()?;
         // Encode once; each link gets a clone of the same message.
+        let links: Vec<LinkSender> = self
+            .links()
+            .into_iter()
+            .filter(|l| self.interested(l.gateway, &cmd))
+            .collect();
         let f = frame(Body::Command(cmd.into()));
         let mut missing = self.unconnected();
-        for link in self.links() {
+        for link in links {
             if Self::send_frame(&link, f.clone()).await.is_err() {
                 missing.push(link.gateway);
             }
@@ -320,7 +426,11 @@ impl Handle {
         let mut calls = Vec::new();
         for g in &targets {
             match self.link(*g) {
-                Ok(link) => calls.push(link),
+                Ok(link) if self.interested(*g, &cmd) => {
+                    self.note_interest(*g, &cmd);
+                    calls.push(link)
+                }
+                Ok(_) => {}
                 Err(_) => missing.push(*g),
             }
         }

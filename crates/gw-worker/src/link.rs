@@ -150,6 +150,9 @@ async fn session<H: EventHandler>(
                             let _ = waiter.send(Reply::Query(r));
                         }
                     }
+                    Some(Body::Interest(i)) => {
+                        handle.inner.interest.write().entry(gateway).or_default().apply(i);
+                    }
                     Some(Body::CommandReply(r)) => {
                         if let Some(waiter) = pending.lock().remove(&r.id) {
                             let _ = waiter.send(Reply::Command(r));
@@ -178,6 +181,7 @@ async fn session<H: EventHandler>(
         }
     };
     handle.inner.links.write().remove(&gateway);
+    handle.inner.interest.write().remove(&gateway);
     if matches!(end, SessionEnd::Stopped) {
         // Whatever handlers and acks queued goes out before we close.
         rx.close();

@@ -119,7 +119,14 @@ async fn handle_connection(
             // its whole life.
             let handshake = tokio::time::timeout(
                 cfg.handshake_timeout(),
-                Box::pin(ws_handshake(&mut stream, addr, &state, client_id, &flow, &mut sticky)),
+                Box::pin(ws_handshake(
+                    &mut stream,
+                    addr,
+                    &state,
+                    client_id,
+                    &flow,
+                    &mut sticky,
+                )),
             )
             .await;
             let refusal = match handshake {
@@ -219,9 +226,13 @@ async fn handle_connection(
             event,
             flow,
         };
-        if Box::pin(state.router.dispatch(&mut sticky, routed, &state.links_shutdown))
-            .await
-            .is_err()
+        if Box::pin(
+            state
+                .router
+                .dispatch(&mut sticky, routed, &state.links_shutdown),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!(%client_id, "close event not delivered: gateway stopped before a worker took it");
         }
