@@ -72,10 +72,23 @@ impl Drop for Proc {
     }
 }
 
-/// A free loopback port (bound and released; good enough for child processes).
+/// A free loopback port for a child process to bind. Picked below the
+/// kernel's ephemeral range (32768+ by default), so that outgoing
+/// connections made meanwhile cannot take it, and never handed out twice
+/// by this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        // Different test processes start at different places.
+        let start = 20_000 + (std::process::id() % 600) as u16 * 20;
+        let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 32_700, "ran out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }

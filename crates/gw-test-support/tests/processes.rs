@@ -158,3 +158,127 @@ fn invalid_config_exits_with_64_and_names_the_field() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_gateways_and_sixteen_workers_link_fully_and_follow_changes() -> anyhow::Result<()>
+{
+    use gw_test_support::http::request;
+    const N: usize = 16;
+    let rport = free_port();
+    let register_addr = format!("127.0.0.1:{rport}");
+    let _register = Proc::spawn(
+        "gw-register",
+        &["--listen", &register_addr, "--secret", SECRET],
+    )?;
+    let mut gateways = Vec::new();
+    let mut apis = Vec::new();
+    let mut wss = Vec::new();
+    for _ in 0..N {
+        let (ws, api) = (free_port(), free_port());
+        gateways.push(Proc::spawn(
+            "gw-gateway",
+            &[
+                "--register",
+                &register_addr,
+                "--secret",
+                SECRET,
+                "--listen",
+                &format!("ws://127.0.0.1:{ws}"),
+                "--internal",
+                "127.0.0.1:0",
+                "--api",
+                &format!("127.0.0.1:{api}"),
+                "--api-key",
+                "sixteen-gateways-api-key",
+            ],
+        )?);
+        apis.push(format!("127.0.0.1:{api}"));
+        wss.push(ws);
+    }
+    let mut workers = Vec::new();
+    for _ in 0..N {
+        workers.push(chat(&register_addr)?);
+    }
+    // Every gateway sees all 16 workers (its /metrics), within the bound.
+    let started = std::time::Instant::now();
+    for api in &apis {
+        let api = api.clone();
+        let r = gw_test_support::wait_until(
+            Duration::from_secs(40),
+            "16 worker links on every gateway",
+            || {
+                let api = api.clone();
+                async move {
+                    match request(&api, "GET", "/metrics", &[], b"").await {
+                        Ok(r) => String::from_utf8_lossy(&r.body)
+                            .contains(&format!("gateworker_gateway_worker_links {N}\n")),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            let m = request(&api, "GET", "/metrics", &[], b"").await;
+            panic!("{e}: {api}: {m:?}");
+        }
+    }
+    eprintln!("16x16 mesh complete after {:?}", started.elapsed());
+    // A client on each gateway; a cluster query answers in time and counts them.
+    let mut clients = Vec::new();
+    for ws in &wss {
+        clients.push(connect_when_ready(&format!("ws://127.0.0.1:{ws}")).await?.0);
+    }
+    let push = gw_worker::PushClient::builder()
+        .register(register_addr.clone())
+        .secret(SECRET)
+        .query_timeout(Duration::from_secs(5))
+        .connect_within(Duration::from_secs(20))
+        .await?;
+    let h = push.handle();
+    let t = std::time::Instant::now();
+    assert_eq!(h.get_client_count().await?, N);
+    eprintln!("cluster-wide count over 16 gateways took {:?}", t.elapsed());
+    // A gateway leaving is noticed within a couple of seconds...
+    let gone = gateways.remove(0);
+    let t = std::time::Instant::now();
+    gone.signal("TERM");
+    gw_test_support::wait_until(
+        Duration::from_secs(3),
+        "the register to drop the gateway",
+        || {
+            let n = h.known_gateways().len();
+            async move { n == N - 1 }
+        },
+    )
+    .await?;
+    eprintln!("gateway leave seen after {:?}", t.elapsed());
+    // ...and so is one joining.
+    let t = std::time::Instant::now();
+    let ws = free_port();
+    gateways.push(Proc::spawn(
+        "gw-gateway",
+        &[
+            "--register",
+            &register_addr,
+            "--secret",
+            SECRET,
+            "--listen",
+            &format!("ws://127.0.0.1:{ws}"),
+            "--internal",
+            "127.0.0.1:0",
+        ],
+    )?);
+    gw_test_support::wait_until(
+        Duration::from_secs(3),
+        "the new gateway to be linked",
+        || {
+            let ok = h.known_gateways().len() == N && h.connected_gateways().len() == N;
+            async move { ok }
+        },
+    )
+    .await?;
+    eprintln!("gateway join linked after {:?}", t.elapsed());
+    push.stop().await;
+    Ok(())
+}
