@@ -12,24 +12,26 @@ SECRET=external-test-secret
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- dependencies -----------------------------------------------------------
-if ! python3 -c 'import websockets, pytest' 2>/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check websockets pytest
+if ! python3 -c 'import websockets, pytest, yaml' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check websockets pytest pyyaml
 fi
 
 # --- cluster ----------------------------------------------------------------
-REG=127.0.0.1:$(port); GW1=$(port); GW2=$(port); WEB=$(port)
+REG=127.0.0.1:$(port); GW1=$(port); GW2=$(port); WEB=$(port); API=$(port)
+API_KEY=external-test-api-key-0123456789
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 export RUST_LOG=${RUST_LOG:-warn}
 $BIN/gw-register --listen "$REG" --secret "$SECRET" 2>>"$ART/cluster.log" & pids+=($!)
-$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW1" --internal 127.0.0.1:0 2>>"$ART/cluster.log" & pids+=($!)
+$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW1" --internal 127.0.0.1:0 --api "127.0.0.1:$API" --api-key "$API_KEY" 2>>"$ART/cluster.log" & pids+=($!)
 $BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW2" --internal 127.0.0.1:0 2>>"$ART/cluster.log" & pids+=($!)
 $BIN/gw-chat --register "$REG" --secret "$SECRET" --web "127.0.0.1:$WEB" 2>>"$ART/cluster.log" & pids+=($!)
 $BIN/gw-chat --register "$REG" --secret "$SECRET" 2>>"$ART/cluster.log" & pids+=($!)
 
 export GW_WS_URLS="ws://127.0.0.1:$GW1,ws://127.0.0.1:$GW2"
 export GW_PAGE_URL="http://127.0.0.1:$WEB/"
+export GW_API_URL="http://127.0.0.1:$API" GW_API_KEY="$API_KEY"
 # Ready when a client on each gateway gets its welcome.
 python3 - <<'PY'
 import asyncio, os, time, websockets
@@ -52,8 +54,8 @@ PY
 # Let both workers link to both gateways.
 sleep 1
 
-echo "-- python websockets suite"
-python3 -m pytest -q tests/python
+echo "-- python suites: chat protocol (websockets), push API and OpenAPI contract (urllib), push backend example"
+python3 -m pytest -q -p no:cacheprovider tests/python
 
 echo "-- headless Chromium"
 if ! command -v chromium >/dev/null 2>&1; then
