@@ -481,19 +481,35 @@ async fn write_loop(
             _ = control.closed.cancelled() => break,
             msg = queue.recv() => {
                 let Some(msg) = msg else { break };
-                let mut n = msg.len();
-                let mut result = write.feed(msg).await;
-                // Everything ready goes out with one flush.
-                while result.is_ok() {
-                    match queue.try_recv() {
-                        Ok(m) => { n += m.len(); result = write.feed(m).await; }
-                        Err(_) => break,
+                // Everything ready goes out with one flush. A client that
+                // stops reading blocks this write; the close signal (e.g.
+                // slow consumer once its queue overflows) must still win.
+                let batch = async {
+                    let mut n = msg.len();
+                    let mut result = write.feed(msg).await;
+                    while result.is_ok() {
+                        match queue.try_recv() {
+                            Ok(m) => { n += m.len(); result = write.feed(m).await; }
+                            Err(_) => break,
+                        }
                     }
-                }
-                control.queued_bytes.fetch_sub(n, Ordering::AcqRel);
-                if result.is_err() || write.flush().await.is_err() {
-                    control.close(1006);
-                    return;
+                    control.queued_bytes.fetch_sub(n, Ordering::AcqRel);
+                    match result {
+                        Ok(()) => write.flush().await,
+                        Err(e) => Err(e),
+                    }
+                };
+                let written = tokio::select! {
+                    r = batch => Some(r),
+                    _ = control.closed.cancelled() => None,
+                };
+                match written {
+                    Some(Ok(())) => {}
+                    Some(Err(_)) => {
+                        control.close(1006);
+                        return;
+                    }
+                    None => break,
                 }
             }
             _ = tick.tick(), if ping_every.is_some() => {
@@ -512,19 +528,23 @@ async fn write_loop(
         }
     }
     let code = control.close_code().unwrap_or(1000);
-    if code != CLOSE_IMMEDIATE && code != codes::CLOSE_SLOW_CONSUMER {
-        // What was queued before the close (e.g. a final message) goes first.
-        while let Ok(m) = queue.try_recv() {
-            if write.feed(m).await.is_err() {
-                break;
+    // Bounded: a client that does not read cannot hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if code != CLOSE_IMMEDIATE && code != codes::CLOSE_SLOW_CONSUMER {
+            // What was queued before the close (e.g. a final message) goes first.
+            while let Ok(m) = queue.try_recv() {
+                if write.feed(m).await.is_err() {
+                    break;
+                }
             }
+            let _ = write.flush().await;
         }
-        let _ = write.flush().await;
-    }
-    let code = if code == CLOSE_IMMEDIATE {
-        codes::CLOSE_BY_APPLICATION
-    } else {
-        code
-    };
-    write.close(code, &close_reason(Some(code))).await;
+        let code = if code == CLOSE_IMMEDIATE {
+            codes::CLOSE_BY_APPLICATION
+        } else {
+            code
+        };
+        write.close(code, &close_reason(Some(code))).await;
+    })
+    .await;
 }
