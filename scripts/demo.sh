@@ -14,11 +14,19 @@ GW1_PORT=${GW1_PORT:-7272}
 GW2_PORT=${GW2_PORT:-7273}
 WEB_PORT=${WEB_PORT:-8080}
 SECRET=${DEMO_SECRET:-demo-secret-change-me}
+GW1_INTERNAL=${GW1_INTERNAL:-2900}
+GW2_INTERNAL=${GW2_INTERNAL:-2901}
 # Stop by itself after this many seconds when set (used by CI to prove the demo runs).
 DEMO_SECONDS=${DEMO_SECONDS:-}
+# release (default) or debug (CI reuses the test build).
+DEMO_PROFILE=${DEMO_PROFILE:-release}
 
-cargo build --release --workspace --bins
-BIN=target/release
+if [ "$DEMO_PROFILE" = release ]; then
+  cargo build --release --workspace --bins
+else
+  cargo build --workspace --bins
+fi
+BIN=target/$DEMO_PROFILE
 REG=127.0.0.1:$REGISTER_PORT
 
 pids=()
@@ -33,8 +41,8 @@ stop() {
 trap stop INT TERM EXIT
 
 $BIN/gw-register --listen "$REG" --secret "$SECRET" & pids+=($!)
-$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW1_PORT" --internal 127.0.0.1:2900 & pids+=($!)
-$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW2_PORT" --internal 127.0.0.1:2901 & pids+=($!)
+$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW1_PORT" --internal 127.0.0.1:$GW1_INTERNAL & pids+=($!)
+$BIN/gw-gateway --register "$REG" --secret "$SECRET" --listen "ws://127.0.0.1:$GW2_PORT" --internal 127.0.0.1:$GW2_INTERNAL & pids+=($!)
 $BIN/gw-chat --register "$REG" --secret "$SECRET" --name chat-1 --web "127.0.0.1:$WEB_PORT" & pids+=($!)
 $BIN/gw-chat --register "$REG" --secret "$SECRET" --name chat-2 & pids+=($!)
 

@@ -27,6 +27,9 @@ fi
 echo "== external clients against the real binaries"
 scripts/test-external.sh
 
+echo "== the README's demo command (debug build, other ports, stops by itself)"
+python3 tests/demo_smoke.py
+
 echo "== deploy files (systemd, docker, kubernetes, example configs)"
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml
 python3 tests/deploy/check_deploy.py > target/deploy-check.log || { cat target/deploy-check.log; exit 1; }

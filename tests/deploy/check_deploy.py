@@ -48,7 +48,7 @@ BINARIES = ("gw-register", "gw-gateway", "gw-chat")
 # Flags and variables the deploy files use before the binaries have them (the
 # gateway's HTTP API is being added). Using one is reported as a NOTE, not a
 # failure; once `--help` lists it, a NOTE says the entry can go.
-PENDING = {"gw-gateway": {"--api", "--api-key", "GW_API", "GW_API_KEY"}}
+PENDING: dict = {}
 
 # Variables a deploy file may set that no binary reads.
 UNIT_VARIABLES = {"GW_WORKER_BIN"}  # gw-worker@.service's program

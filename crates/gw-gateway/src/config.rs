@@ -31,10 +31,57 @@ impl Protocol {
 }
 
 /// A public listener: `ws://127.0.0.1:7272`, `text://0.0.0.0:7273`, ...
+///
+/// Heartbeat and size settings can be set per listener in the URL's query,
+/// overriding the gateway-wide ones:
+/// `text://0.0.0.0:7273?ping_interval_ms=30000&ping_missed_limit=3&ping_data={"type":"ping"}&max_message_bytes=4096`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenSpec {
     pub protocol: Protocol,
     pub addr: String,
+    /// Per-listener overrides.
+    pub options: ListenerOptions,
+}
+
+/// Per-listener overrides of gateway-wide settings (unset: the gateway's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerOptions {
+    pub ping_interval_ms: Option<u64>,
+    pub ping_missed_limit: Option<u32>,
+    pub ping_data: Option<String>,
+    pub max_message_bytes: Option<usize>,
+}
+
+impl ListenSpec {
+    /// Largest client message on this listener.
+    pub(crate) fn max_message_bytes(&self, cfg: &GatewayConfig) -> usize {
+        self.options
+            .max_message_bytes
+            .unwrap_or(cfg.max_message_bytes)
+    }
+
+    /// Heartbeat interval on this listener (`None`: off).
+    pub(crate) fn ping_interval(&self, cfg: &GatewayConfig) -> Option<Duration> {
+        let ms = self
+            .options
+            .ping_interval_ms
+            .unwrap_or(cfg.ping_interval_ms);
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    pub(crate) fn ping_missed_limit(&self, cfg: &GatewayConfig) -> u32 {
+        self.options
+            .ping_missed_limit
+            .unwrap_or(cfg.ping_missed_limit)
+            .max(1)
+    }
+
+    pub(crate) fn ping_data(&self, cfg: &GatewayConfig) -> Option<String> {
+        self.options
+            .ping_data
+            .clone()
+            .or_else(|| cfg.ping_data.clone())
+    }
 }
 
 impl FromStr for ListenSpec {
@@ -53,6 +100,7 @@ impl FromStr for ListenSpec {
                 ))
             }
         };
+        let (addr, query) = addr.split_once('?').unwrap_or((addr, ""));
         let addr = addr.trim_end_matches('/');
         if addr
             .rsplit_once(':')
@@ -61,9 +109,32 @@ impl FromStr for ListenSpec {
         {
             return Err(format!("`{s}`: expected HOST:PORT after the scheme"));
         }
+        let mut options = ListenerOptions::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let bad = |what: &str| format!("`{s}`: `{k}` must be {what}, got `{v}`");
+            match k {
+                "ping_interval_ms" => options.ping_interval_ms = Some(v.parse().map_err(|_| bad("a number of ms"))?),
+                "ping_missed_limit" => match v.parse::<u32>() {
+                    Ok(n) if n > 0 => options.ping_missed_limit = Some(n),
+                    _ => return Err(bad("at least 1")),
+                },
+                "ping_data" => options.ping_data = Some(v.to_string()),
+                "max_message_bytes" => match v.parse::<usize>() {
+                    Ok(n) if n > 0 => options.max_message_bytes = Some(n),
+                    _ => return Err(bad("a number of bytes, at least 1")),
+                },
+                other => {
+                    return Err(format!(
+                        "`{s}`: unknown listener option `{other}` (ping_interval_ms, ping_missed_limit, ping_data, max_message_bytes)"
+                    ))
+                }
+            }
+        }
         Ok(ListenSpec {
             protocol,
             addr: addr.to_string(),
+            options,
         })
     }
 }
@@ -272,15 +343,41 @@ impl GatewayConfig {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
-    pub(crate) fn ping_interval(&self) -> Option<Duration> {
-        (self.ping_interval_ms > 0).then(|| Duration::from_millis(self.ping_interval_ms))
-    }
-
     pub(crate) fn link_heartbeat(&self) -> Duration {
         Duration::from_millis(self.link_heartbeat_ms)
     }
 
     pub(crate) fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_urls_parse_with_per_listener_options() {
+        let l: ListenSpec = "text://0.0.0.0:7273?ping_interval_ms=100&ping_missed_limit=3&ping_data=hb&max_message_bytes=99"
+            .parse()
+            .unwrap();
+        assert_eq!(l.protocol, Protocol::Text);
+        assert_eq!(l.addr, "0.0.0.0:7273");
+        assert_eq!(l.options.ping_interval_ms, Some(100));
+        assert_eq!(l.options.ping_data.as_deref(), Some("hb"));
+        let cfg = GatewayConfig::default();
+        assert_eq!(l.max_message_bytes(&cfg), 99);
+        assert_eq!(l.ping_missed_limit(&cfg), 3);
+        let plain: ListenSpec = "ws://127.0.0.1:7272".parse().unwrap();
+        assert_eq!(plain.max_message_bytes(&cfg), cfg.max_message_bytes);
+        for bad in [
+            "http://x:1",
+            "ws://x",
+            "ws://x:1?nope=1",
+            "text://x:1?ping_missed_limit=0",
+            "ws://x:1?max_message_bytes=big",
+        ] {
+            assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
+        }
     }
 }

@@ -226,9 +226,11 @@ async fn text_and_frame_clients_chat_with_a_websocket_client() -> anyhow::Result
 async fn silent_clients_are_closed_by_heartbeat_and_workers_see_it() -> anyhow::Result<()> {
     let mut c = Cluster::start(0).await?;
     let mut cfg = gateway_config(&[c.register_addr]);
-    cfg.listen = vec!["ws://127.0.0.1:0".into(), "text://127.0.0.1:0".into()];
-    cfg.ping_interval_ms = 100;
-    cfg.ping_missed_limit = 3;
+    // Heartbeats are set per listener: fast on text, the default on ws.
+    cfg.listen = vec![
+        "ws://127.0.0.1:0?ping_interval_ms=100&ping_missed_limit=3".into(),
+        "text://127.0.0.1:0?ping_interval_ms=100&ping_missed_limit=3&ping_data={}".into(),
+    ];
     c.add_gateway(cfg).await?;
     let rec = Recorder::default();
     c.add_worker(rec.clone()).await?;

@@ -152,8 +152,8 @@ async fn handle_connection(
                 .read_buffer_size(cfg.ws_read_buffer)
                 .write_buffer_size(0)
                 .max_write_buffer_size(cfg.client_queue_bytes.max(64 * 1024) * 2)
-                .max_message_size(Some(cfg.max_message_bytes))
-                .max_frame_size(Some(cfg.max_message_bytes));
+                .max_message_size(Some(spec.max_message_bytes(cfg)))
+                .max_frame_size(Some(spec.max_message_bytes(cfg)));
             let ws = WebSocketStream::from_partially_read(
                 stream,
                 leftover,
@@ -172,9 +172,9 @@ async fn handle_connection(
         Protocol::Text | Protocol::Frame => {
             let client_id = state.hub.add_client(sender);
             let (r, w) = if spec.protocol == Protocol::Text {
-                transport::text(stream, cfg.max_message_bytes)
+                transport::text(stream, spec.max_message_bytes(cfg))
             } else {
-                transport::frame(stream, cfg.max_message_bytes)
+                transport::frame(stream, spec.max_message_bytes(cfg))
             };
             (r, w, client_id, addr.to_string())
         }
@@ -189,6 +189,7 @@ async fn handle_connection(
         control.clone(),
         state.clone(),
         client_id,
+        spec.clone(),
     ));
     let reason = read_loop(
         read,
@@ -466,14 +467,15 @@ async fn write_loop(
     control: Arc<ClientControl>,
     state: Arc<State>,
     client_id: ClientId,
+    spec: ListenSpec,
 ) {
     let cfg = &state.config;
-    let ping_every = cfg.ping_interval();
+    let ping_every = spec.ping_interval(cfg);
     let mut tick = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
     tick.tick().await;
-    let ping_data = cfg.ping_data.as_ref().map(|d| Bytes::from(d.clone()));
+    let ping_data = spec.ping_data(cfg).map(Bytes::from);
     let limit_ms = ping_every
-        .map(|p| p.as_millis() as u64 * u64::from(cfg.ping_missed_limit.max(1)))
+        .map(|p| p.as_millis() as u64 * u64::from(spec.ping_missed_limit(cfg)))
         .unwrap_or(u64::MAX);
     loop {
         tokio::select! {
