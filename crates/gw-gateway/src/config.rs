@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum Protocol {
     /// WebSocket (`ws://host:port`).
     Ws,
+    /// WebSocket over TLS (`wss://host:port`; needs `tls_cert` and `tls_key`).
+    Wss,
     /// Newline-delimited text over TCP (`text://host:port`).
     Text,
     /// `u32` big-endian length-prefixed frames over TCP (`frame://host:port`).
@@ -24,6 +26,7 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Ws => "ws",
+            Protocol::Wss => "wss",
             Protocol::Text => "text",
             Protocol::Frame => "frame",
         }
@@ -88,15 +91,16 @@ impl FromStr for ListenSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (scheme, addr) = s.split_once("://").ok_or_else(|| {
-            format!("`{s}`: expected SCHEME://HOST:PORT with scheme ws, text or frame")
+            format!("`{s}`: expected SCHEME://HOST:PORT with scheme ws, wss, text or frame")
         })?;
         let protocol = match scheme {
             "ws" => Protocol::Ws,
+            "wss" => Protocol::Wss,
             "text" => Protocol::Text,
             "frame" => Protocol::Frame,
             other => {
                 return Err(format!(
-                    "`{s}`: unknown scheme `{other}` (use ws, text or frame)"
+                    "`{s}`: unknown scheme `{other}` (use ws, wss, text or frame)"
                 ))
             }
         };
@@ -203,6 +207,10 @@ pub struct GatewayConfig {
     pub api: Option<String>,
     /// Bearer token the push API requires. Required when `api` is set.
     pub api_key: Option<String>,
+    /// PEM certificate chain for `wss` listeners (re-read on SIGHUP).
+    pub tls_cert: Option<String>,
+    /// PEM private key for `wss` listeners (re-read on SIGHUP).
+    pub tls_key: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -233,6 +241,8 @@ impl Default for GatewayConfig {
             handshake_to_worker: true,
             api: None,
             api_key: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -274,7 +284,14 @@ impl GatewayConfig {
             ));
         }
         for l in &self.listen {
-            l.parse::<ListenSpec>().map_err(|e| bad("listen", e))?;
+            let spec = l.parse::<ListenSpec>().map_err(|e| bad("listen", e))?;
+            if spec.protocol == Protocol::Wss && (self.tls_cert.is_none() || self.tls_key.is_none())
+            {
+                return Err(bad(
+                    "tls_cert",
+                    format!("listener {l} needs tls_cert and tls_key (PEM files)"),
+                ));
+            }
         }
         for (field, v) in [
             ("max_connections", self.max_connections),

@@ -128,6 +128,8 @@ pub(crate) struct State {
     >,
     /// Parsed `trusted_proxies`.
     pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
+    /// TLS for `wss` listeners, if any.
+    pub(crate) tls: Option<Arc<client::tls::TlsConfig>>,
     started: Instant,
 }
 
@@ -174,6 +176,15 @@ pub async fn run_with(
     ready: tokio::sync::oneshot::Sender<GatewayHandle>,
 ) -> Result<(), GatewayError> {
     config.validate()?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(Arc::new(client::tls::TlsConfig::load(c, k).map_err(
+            |e| config::ConfigError {
+                field: "tls_cert",
+                message: e,
+            },
+        )?)),
+        _ => None,
+    };
     let gateway_id = new_gateway_id();
     let internal_bound = listeners.internal_addr()?;
     let advertise = advertise_addr(config.advertise.as_deref(), internal_bound);
@@ -187,6 +198,7 @@ pub async fn run_with(
         open_connections: AtomicUsize::new(0),
         handshakes: Default::default(),
         trusted_proxies: config.trusted_proxy_ips(),
+        tls: tls.clone(),
         started: Instant::now(),
         config,
     });
@@ -248,6 +260,27 @@ pub async fn run_with(
                         }
                     }
                 });
+            }
+        });
+    }
+
+    // SIGHUP re-reads the TLS certificate and key; open connections keep
+    // theirs, new handshakes use the new ones.
+    if let Some(tls) = tls {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = hup.recv() => match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old certificate"),
+                    },
+                }
             }
         });
     }

@@ -20,7 +20,7 @@ struct Cli {
     /// Cluster secret shared by every daemon.
     #[arg(long, env = "GW_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// Public listener URL: ws://HOST:PORT, text://HOST:PORT or frame://HOST:PORT (repeatable).
+    /// Public listener URL: ws://, wss://, text:// or frame:// HOST:PORT (repeatable).
     #[arg(long, env = "GW_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
     /// Internal listener for worker links, HOST:PORT.
@@ -44,6 +44,12 @@ struct Cli {
     /// Bearer token the push API requires.
     #[arg(long, env = "GW_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// PEM certificate chain for wss:// listeners (re-read on SIGHUP).
+    #[arg(long, env = "GW_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// PEM private key for wss:// listeners (re-read on SIGHUP).
+    #[arg(long, env = "GW_TLS_KEY")]
+    tls_key: Option<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
@@ -78,6 +84,12 @@ fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     }
     if let Some(v) = cli.ping_interval_ms {
         config.ping_interval_ms = v;
+    }
+    if let Some(v) = &cli.tls_cert {
+        config.tls_cert = Some(v.clone());
+    }
+    if let Some(v) = &cli.tls_key {
+        config.tls_key = Some(v.clone());
     }
     if let Some(v) = &cli.api {
         config.api = Some(v.clone());

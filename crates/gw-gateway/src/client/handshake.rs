@@ -5,8 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::tls::ClientStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// A parsed upgrade request.
@@ -46,7 +46,7 @@ fn refuse(status: u16, reason: impl Into<String>) -> Refusal {
 
 /// Reads and checks the upgrade request; at most `max_bytes` of headers.
 pub(crate) async fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     max_bytes: usize,
 ) -> Result<UpgradeRequest, Refusal> {
     let mut buf = Vec::with_capacity(1024);
@@ -122,7 +122,7 @@ fn check(req: &httparse::Request<'_, '_>, leftover: Vec<u8>) -> Result<UpgradeRe
 }
 
 /// Sends an HTTP error response and closes.
-pub(crate) async fn respond_refusal(stream: &mut TcpStream, r: &Refusal) {
+pub(crate) async fn respond_refusal(stream: &mut ClientStream, r: &Refusal) {
     let reason: String = r.reason.chars().filter(|c| !c.is_control()).collect();
     let phrase = match r.status {
         400 => "Bad Request",
@@ -148,7 +148,7 @@ pub(crate) async fn respond_refusal(stream: &mut TcpStream, r: &Refusal) {
 
 /// Completes the upgrade (101).
 pub(crate) async fn respond_upgrade(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     req: &UpgradeRequest,
 ) -> std::io::Result<()> {
     let resp = format!(

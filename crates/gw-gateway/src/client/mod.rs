@@ -13,6 +13,7 @@
 //! `Close` event goes to its worker.
 
 pub(crate) mod handshake;
+pub(crate) mod tls;
 pub(crate) mod transport;
 
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use crate::hub::{ClientControl, ClientSender, Outbound, QueueLimits, CLOSE_IMMED
 use crate::routing::{ClientFlow, RoutedEvent, WorkerSlot};
 use crate::State;
 use handshake::{read_request, real_remote_addr, respond_refusal, respond_upgrade, Refusal};
+use tls::ClientStream;
 use transport::{ClientRead, ClientWrite, Inbound};
 
 /// Accepts clients on one public listener until the gateway stops accepting.
@@ -75,7 +77,7 @@ impl Drop for ConnectionPermit {
 }
 
 async fn handle_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     spec: ListenSpec,
     state: Arc<State>,
@@ -86,10 +88,29 @@ async fn handle_connection(
     let _permit = ConnectionPermit(state.clone());
     let full = open > cfg.max_connections;
     let _ = stream.set_nodelay(true);
+    // wss: the TLS handshake first, within the handshake timeout.
+    let mut stream = match (spec.protocol, &state.tls) {
+        (Protocol::Wss, Some(tls)) => {
+            match tokio::time::timeout(cfg.handshake_timeout(), tls.acceptor().accept(stream)).await
+            {
+                Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        (Protocol::Wss, None) => return,
+        _ => ClientStream::Plain(stream),
+    };
     if full {
         metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%addr, max = cfg.max_connections, "connection refused: max_connections reached");
-        if spec.protocol == Protocol::Ws {
+        if matches!(spec.protocol, Protocol::Ws | Protocol::Wss) {
             let r = Refusal {
                 status: 503,
                 reason: "gateway at max_connections, retry later".into(),
@@ -110,7 +131,7 @@ async fn handle_connection(
     let mut sticky = None;
 
     let (read, write, client_id, remote_addr) = match spec.protocol {
-        Protocol::Ws => {
+        Protocol::Ws | Protocol::Wss => {
             // Registered now so that the worker can bind, join and set the
             // session while deciding; invisible to queries until accepted.
             let client_id = state.hub.add_pending_client(sender);
@@ -170,6 +191,9 @@ async fn handle_connection(
             )
         }
         Protocol::Text | Protocol::Frame => {
+            let ClientStream::Plain(stream) = stream else {
+                return;
+            };
             let client_id = state.hub.add_client(sender);
             let (r, w) = if spec.protocol == Protocol::Text {
                 transport::text(stream, spec.max_message_bytes(cfg))
@@ -244,7 +268,7 @@ async fn handle_connection(
 /// client the session, uid and groups the worker chose, then answers 101.
 /// Returns the client's real address and any bytes read past the request.
 async fn ws_handshake(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     addr: SocketAddr,
     state: &Arc<State>,
     client_id: ClientId,

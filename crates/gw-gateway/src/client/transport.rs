@@ -50,7 +50,7 @@ impl ReadError {
     }
 }
 
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<super::tls::ClientStream>;
 
 pub(crate) enum ClientRead {
     Ws(SplitStream<Ws>),
