@@ -133,6 +133,7 @@ impl ClientSender {
         let ok = queued <= max_bytes && self.tx.try_send(msg).is_ok();
         if ok {
             metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+            metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
         } else {
             self.control.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             if !self.tx.is_closed() {

@@ -35,6 +35,43 @@ pub struct Metrics {
     pub worker_links: AtomicU64,
     /// Internal link attempts refused (bad secret, bad frame).
     pub links_refused: AtomicU64,
+    /// Payload bytes received from clients.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes queued to clients.
+    pub bytes_out: AtomicU64,
+    /// Closed connections by reason, indexed like [`CLOSE_REASONS`].
+    pub closed_by_reason: [AtomicU64; CLOSE_REASONS.len()],
+}
+
+/// Labels of `gateworker_gateway_connections_closed_by_reason_total`.
+pub const CLOSE_REASONS: [&str; 7] = [
+    "client",
+    "heartbeat",
+    "slow_consumer",
+    "application",
+    "shutdown",
+    "too_big",
+    "error",
+];
+
+impl Metrics {
+    /// Counts a close under the label matching the gateway's close reason.
+    pub fn count_close(&self, reason: &str) {
+        let label = match reason {
+            "client disconnected" | "client closed" => "client",
+            "heartbeat timeout" => "heartbeat",
+            "slow consumer" => "slow_consumer",
+            "closed by application" => "application",
+            "gateway shutting down" => "shutdown",
+            "message too big" => "too_big",
+            _ => "error",
+        };
+        let i = CLOSE_REASONS
+            .iter()
+            .position(|l| *l == label)
+            .unwrap_or(CLOSE_REASONS.len() - 1);
+        self.closed_by_reason[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -133,6 +170,32 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
+        }
+        for (name, help, v) in [
+            (
+                "gateworker_gateway_client_bytes_in_total",
+                "Payload bytes received from clients.",
+                &self.bytes_in,
+            ),
+            (
+                "gateworker_gateway_client_bytes_out_total",
+                "Payload bytes queued to clients.",
+                &self.bytes_out,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c(v)
+            );
+        }
+        let name = "gateworker_gateway_connections_closed_by_reason_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Client connections closed, by reason.\n# TYPE {name} counter"
+        );
+        for (label, v) in CLOSE_REASONS.iter().zip(&self.closed_by_reason) {
+            let _ = writeln!(out, "{name}{{reason=\"{label}\"}} {}", c(v));
         }
         out
     }

@@ -6,6 +6,7 @@
 //! fresh connection, and [`Backoff`] spaces out reconnects.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod discovery;
 pub mod handshake;
 

@@ -40,6 +40,8 @@ pub struct RegisterConfig {
     pub peer_timeout_ms: u64,
     /// Time a peer has to finish the handshake, ms.
     pub handshake_timeout_ms: u64,
+    /// Admin listener (HOST:PORT) for `/metrics` and `/healthz`; off if unset.
+    pub metrics: Option<String>,
 }
 
 impl Default for RegisterConfig {
@@ -49,6 +51,7 @@ impl Default for RegisterConfig {
             secret: String::new(),
             peer_timeout_ms: 6_000,
             handshake_timeout_ms: 5_000,
+            metrics: None,
         }
     }
 }
@@ -104,6 +107,57 @@ struct State {
     gateways: Mutex<BTreeMap<String, Entry>>,
     list: watch::Sender<GatewayList>,
     next_conn: AtomicU64,
+    /// Authenticated peers connected now.
+    peers: AtomicU64,
+    /// Peers refused at the handshake (bad secret, bad frames, timeout).
+    peers_refused: AtomicU64,
+    /// Gateways that joined the list / left it, since start.
+    gateway_joins: AtomicU64,
+    gateway_leaves: AtomicU64,
+}
+
+impl State {
+    fn render_metrics(&self) -> String {
+        use gw_link::admin::metric;
+        let mut out = String::new();
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        metric(
+            &mut out,
+            "gateworker_register_gateways",
+            "gauge",
+            "Gateways in the list now.",
+            self.gateways.lock().len(),
+        );
+        metric(
+            &mut out,
+            "gateworker_register_peers",
+            "gauge",
+            "Authenticated peers connected now.",
+            c(&self.peers),
+        );
+        metric(
+            &mut out,
+            "gateworker_register_peers_refused_total",
+            "counter",
+            "Peers refused at the handshake.",
+            c(&self.peers_refused),
+        );
+        metric(
+            &mut out,
+            "gateworker_register_gateway_joins_total",
+            "counter",
+            "Gateways that joined the list.",
+            c(&self.gateway_joins),
+        );
+        metric(
+            &mut out,
+            "gateworker_register_gateway_leaves_total",
+            "counter",
+            "Gateways that left the list.",
+            c(&self.gateway_leaves),
+        );
+        out
+    }
 }
 
 impl State {
@@ -119,6 +173,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RegisterError> {
+    run_with_metrics(config, listener, None, shutdown).await
+}
+
+/// Like [`run`], also serving `/metrics` and `/healthz` on `metrics`.
+pub async fn run_with_metrics(
+    config: RegisterConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RegisterError> {
     config.validate()?;
     let node_id = format!("register-{:08x}", rand::random::<u32>());
     tracing::info!(listen = ?listener.local_addr().ok(), %node_id, "register listening");
@@ -127,7 +191,23 @@ pub async fn run(
         gateways: Mutex::new(BTreeMap::new()),
         list: watch::channel(GatewayList::default()).0,
         next_conn: AtomicU64::new(1),
+        peers: AtomicU64::new(0),
+        peers_refused: AtomicU64::new(0),
+        gateway_joins: AtomicU64::new(0),
+        gateway_leaves: AtomicU64::new(0),
     });
+    if let Some(m) = metrics {
+        tracing::info!(metrics = ?m.local_addr().ok(), "register metrics listening");
+        let st = state.clone();
+        tokio::spawn(gw_link::admin::serve(
+            m,
+            move || {
+                let st = st.clone();
+                async move { st.render_metrics() }
+            },
+            shutdown.clone(),
+        ));
+    }
     let tracker = TaskTracker::new();
     loop {
         let (stream, addr) = tokio::select! {
@@ -155,8 +235,15 @@ pub async fn run(
             )
             .await;
             match accepted {
-                Ok((link, peer)) => serve_peer(link, peer, state, shutdown).await,
-                Err(e) => tracing::warn!(%addr, error = %e, "peer refused"),
+                Ok((link, peer)) => {
+                    state.peers.fetch_add(1, Ordering::Relaxed);
+                    serve_peer(link, peer, state.clone(), shutdown).await;
+                    state.peers.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    state.peers_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%addr, error = %e, "peer refused")
+                }
             }
         });
     }
@@ -253,6 +340,7 @@ async fn serve_peer(
         let mut gateways = state.gateways.lock();
         if gateways.get(&id).is_some_and(|e| e.conn == conn) {
             gateways.remove(&id);
+            state.gateway_leaves.fetch_add(1, Ordering::Relaxed);
             state.publish(&gateways);
             tracing::info!(gateway = %id, %reason, "gateway left");
         }
@@ -297,6 +385,9 @@ fn announce(state: &State, conn: u64, info: Option<GatewayInfo>) -> Result<Strin
         }
     }
     let id = info.gateway_id.clone();
+    if !gateways.contains_key(&id) {
+        state.gateway_joins.fetch_add(1, Ordering::Relaxed);
+    }
     gateways.insert(id.clone(), Entry { info, conn });
     state.publish(&gateways);
     Ok(id)

@@ -23,6 +23,9 @@ struct Cli {
     /// Drop a peer silent for this many ms.
     #[arg(long, env = "GW_PEER_TIMEOUT_MS")]
     peer_timeout_ms: Option<u64>,
+    /// Admin listener HOST:PORT for /metrics and /healthz (off if unset).
+    #[arg(long, env = "GW_METRICS")]
+    metrics: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
@@ -42,6 +45,9 @@ fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
     }
     if let Some(v) = &cli.secret {
         config.secret = v.clone();
+    }
+    if let Some(v) = &cli.metrics {
+        config.metrics = Some(v.clone());
     }
     if let Some(v) = cli.peer_timeout_ms {
         config.peer_timeout_ms = v;
@@ -77,6 +83,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let metrics = match &config.metrics {
+        Some(a) => match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("gw-register: binding --metrics {a}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -88,7 +104,7 @@ async fn main() -> ExitCode {
         }
         stop.cancel();
     });
-    match gw_register::run(config, listener, shutdown).await {
+    match gw_register::run_with_metrics(config, listener, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gw-register: {e}");

@@ -33,15 +33,21 @@ pub(crate) struct Job {
 pub(crate) struct Executor<H> {
     handler: Arc<H>,
     handle: Handle,
+    metrics: Arc<crate::WorkerMetrics>,
     queues: Mutex<HashMap<ClientId, VecDeque<Job>>>,
     pub(crate) tracker: TaskTracker,
 }
 
 impl<H: EventHandler> Executor<H> {
-    pub(crate) fn new(handler: Arc<H>, handle: Handle) -> Arc<Self> {
+    pub(crate) fn new(
+        handler: Arc<H>,
+        handle: Handle,
+        metrics: Arc<crate::WorkerMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Executor {
             handler,
             handle,
+            metrics,
             queues: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
         })
@@ -94,6 +100,19 @@ impl<H: EventHandler> Executor<H> {
             self.handle.clone(),
         );
         let is_close = matches!(event.kind, EventKind::Close { .. });
+        let counter = match event.kind {
+            EventKind::Handshake(_) => &self.metrics.handshakes,
+            EventKind::Connect { .. } => &self.metrics.connects,
+            EventKind::Message(_) => &self.metrics.messages,
+            EventKind::Close { .. } => &self.metrics.closes,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if event.redelivered {
+            self.metrics
+                .redelivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let started = std::time::Instant::now();
         let mut handshake_reply = None;
         let hook = async {
             match event.kind {
@@ -128,8 +147,12 @@ impl<H: EventHandler> Executor<H> {
         // of the original); the event is logged and acknowledged so that it
         // is not redelivered forever.
         if AssertUnwindSafe(hook).catch_unwind().await.is_err() {
+            self.metrics
+                .panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(%client_id, event = id, "event handler panicked");
         }
+        self.metrics.observe(started.elapsed());
         if let Some(decision) = handshake_reply {
             let mut reply = pb::HandshakeReply {
                 client_id: client_id.to_string(),

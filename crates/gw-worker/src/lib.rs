@@ -50,6 +50,7 @@ mod executor;
 mod handle;
 mod handler;
 mod link;
+mod metrics;
 mod session;
 mod worker;
 
@@ -60,6 +61,7 @@ pub use gw_protocol::{ClientId, GatewayId, HandshakeRequest, Payload};
 pub use gw_protocol::{Command, Scope};
 pub use handle::{Error, Handle};
 pub use handler::{CloseInfo, Context, EventHandler, HandshakeDecision};
+pub use metrics::WorkerMetrics;
 pub use session::Session;
 pub use worker::{PushClient, RunningWorker, Worker, WorkerBuilder, WorkerError};
 
@@ -75,4 +77,5 @@ pub(crate) struct WorkerShared {
     pub(crate) heartbeat: Duration,
     last_event_ms: AtomicU64,
     started: Instant,
+    pub(crate) metrics: std::sync::Arc<WorkerMetrics>,
 }

@@ -109,6 +109,10 @@ async fn session<H: EventHandler>(
             pending: pending.clone(),
         },
     );
+    shared
+        .metrics
+        .links
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tick = tokio::time::interval(shared.heartbeat);
     let mut last_heard = Instant::now();
     let end = loop {
@@ -182,6 +186,10 @@ async fn session<H: EventHandler>(
     };
     handle.inner.links.write().remove(&gateway);
     handle.inner.interest.write().remove(&gateway);
+    shared
+        .metrics
+        .links
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     if matches!(end, SessionEnd::Stopped) {
         // Whatever handlers and acks queued goes out before we close.
         rx.close();

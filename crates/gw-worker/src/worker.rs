@@ -33,6 +33,7 @@ impl Worker {
             heartbeat: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(30),
             role: Role::Worker,
+            metrics_addr: None,
         }
     }
 }
@@ -91,6 +92,7 @@ pub struct WorkerBuilder {
     heartbeat: Duration,
     drain_timeout: Duration,
     role: Role,
+    metrics_addr: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -175,6 +177,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Serve `/metrics` (events, handler latency histogram, panics, links)
+    /// and `/healthz` on this address (HOST:PORT).
+    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
+        self.metrics_addr = Some(addr.into());
+        self
+    }
+
     /// Longest a graceful stop waits for delivered events (default 30 s).
     pub fn drain_timeout(mut self, t: Duration) -> Self {
         self.drain_timeout = t;
@@ -244,7 +253,24 @@ impl WorkerBuilder {
             heartbeat: self.heartbeat,
             last_event_ms: Default::default(),
             started: std::time::Instant::now(),
+            metrics: Default::default(),
         });
+        if let Some(addr) = &self.metrics_addr {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| WorkerError::Config(format!("metrics: binding {addr}: {e}")))?;
+            tracing::info!(metrics = ?listener.local_addr().ok(), "worker metrics listening");
+            let m = shared.metrics.clone();
+            tokio::spawn(gw_link::admin::serve(
+                listener,
+                move || {
+                    let m = m.clone();
+                    async move { m.render() }
+                },
+                CancellationToken::new(),
+            ));
+        }
         let stop = CancellationToken::new();
         let links_stop = CancellationToken::new();
         let discovery_stop = CancellationToken::new();
@@ -261,8 +287,9 @@ impl WorkerBuilder {
             discovery_stop.clone(),
         );
         let handle = Handle::new(known.clone(), self.query_timeout);
+        let shared_metrics = shared.metrics.clone();
         let handler = Arc::new(handler);
-        let executor = Executor::new(handler.clone(), handle.clone());
+        let executor = Executor::new(handler.clone(), handle.clone(), shared.metrics.clone());
         let drain_timeout = self.drain_timeout;
 
         let task = {
@@ -312,7 +339,12 @@ impl WorkerBuilder {
                 tracing::info!(worker = %node_id, "worker stopped");
             })
         };
-        Ok(RunningWorker { handle, stop, task })
+        Ok(RunningWorker {
+            handle,
+            stop,
+            task,
+            metrics: shared_metrics,
+        })
     }
 }
 
@@ -349,9 +381,15 @@ pub struct RunningWorker {
     handle: Handle,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    metrics: Arc<crate::WorkerMetrics>,
 }
 
 impl RunningWorker {
+    /// The worker's counters.
+    pub fn metrics(&self) -> Arc<crate::WorkerMetrics> {
+        self.metrics.clone()
+    }
+
     /// The worker's cluster handle.
     pub fn handle(&self) -> Handle {
         self.handle.clone()

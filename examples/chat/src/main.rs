@@ -22,6 +22,9 @@ struct Cli {
     /// Also serve the chat web page on this address (HOST:PORT).
     #[arg(long, env = "GW_WEB")]
     web: Option<String>,
+    /// Serve /metrics and /healthz on this address (HOST:PORT).
+    #[arg(long, env = "GW_METRICS")]
+    metrics: Option<String>,
     /// Require this token in the WebSocket URL (`?token=...`) at connect time.
     #[arg(long, env = "GW_CHAT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -61,6 +64,9 @@ async fn main() -> ExitCode {
     }
     if let Some(n) = cli.name {
         builder = builder.name(n);
+    }
+    if let Some(m) = cli.metrics {
+        builder = builder.metrics(m);
     }
     let result = match cli.token {
         Some(token) => builder.run(gw_chat::TokenChat { token }).await,

@@ -232,6 +232,7 @@ async fn handle_connection(
     control.close(1000);
     let removed = state.hub.remove_client(client_id);
     metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
+    metrics.count_close(&reason);
     tracing::debug!(%client_id, %reason, "client closed");
     let _ = writer.await;
     if let Some(removed) = removed {
@@ -457,6 +458,9 @@ async fn read_loop(
             .last_heard_ms
             .store(state.now_ms(), Ordering::Relaxed);
         metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .bytes_in
+            .fetch_add(payload.data.len() as u64, Ordering::Relaxed);
         let ev = event(pb::event::Kind::Message(pb::Message {
             payload: Some(payload),
         }));
