@@ -207,6 +207,10 @@ pub struct GatewayConfig {
     pub api: Option<String>,
     /// Bearer token the push API requires. Required when `api` is set.
     pub api_key: Option<String>,
+    /// Most messages per second one client may send (burst of the same
+    /// size); beyond it the gateway reads from that client more slowly
+    /// (TCP back-pressure, nothing dropped). 0 = no limit.
+    pub client_rate_limit: u32,
     /// PEM certificate chain for `wss` listeners (re-read on SIGHUP).
     pub tls_cert: Option<String>,
     /// PEM private key for `wss` listeners (re-read on SIGHUP).
@@ -243,6 +247,7 @@ impl Default for GatewayConfig {
             api_key: None,
             tls_cert: None,
             tls_key: None,
+            client_rate_limit: 0,
         }
     }
 }

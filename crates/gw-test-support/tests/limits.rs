@@ -160,3 +160,28 @@ async fn with_two_registers_either_one_is_enough() -> anyhow::Result<()> {
     r2.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_client_is_slowed_down_not_dropped() -> anyhow::Result<()> {
+    let mut c = Cluster::start(0).await?;
+    let mut cfg = gateway_config(&[c.register_addr]);
+    cfg.client_rate_limit = 20;
+    c.add_gateway(cfg).await?;
+    c.add_worker(Chat).await?;
+    let (mut a, _) = WsClient::connect_chat(&c.gateways[0].ws_url).await?;
+    let started = std::time::Instant::now();
+    for i in 0..40 {
+        a.send_json(json!({"type":"echo","text":i})).await?;
+    }
+    for i in 0..40 {
+        assert_eq!(a.recv_json().await?, json!({"type":"echo","text":i}));
+    }
+    // 40 messages at 20/s with a burst of 20: the last ones wait ~1 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "not limited: {:?}",
+        started.elapsed()
+    );
+    c.stop().await;
+    Ok(())
+}

@@ -425,7 +425,28 @@ async fn read_loop(
     {
         return "gateway shutting down".into();
     }
+    // Optional per-client rate limit: a token bucket of `client_rate_limit`
+    // messages per second (burst of the same size). Over the limit the
+    // reader pauses, so the client is slowed by TCP back-pressure; nothing
+    // is dropped.
+    let rate = state.config.client_rate_limit as f64;
+    let mut tokens = rate;
+    let mut refilled = tokio::time::Instant::now();
     let reason = loop {
+        if rate > 0.0 {
+            let now = tokio::time::Instant::now();
+            tokens = (tokens + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
+            refilled = now;
+            if tokens < 1.0 {
+                let wait = std::time::Duration::from_secs_f64((1.0 - tokens) / rate);
+                tokio::select! {
+                    _ = control.closed.cancelled() => break close_reason(control.close_code()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            tokens -= 1.0;
+        }
         let inbound = tokio::select! {
             _ = control.closed.cancelled() => break close_reason(control.close_code()),
             m = read.next() => m,
