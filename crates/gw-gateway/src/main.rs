@@ -117,9 +117,27 @@ fn init_logging(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = parse_cli();
+    // GW_THREADS sets the runtime's worker threads (default: one per core).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("GW_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        rt.worker_threads(n);
+    }
+    match rt.enable_all().build() {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("gw-gateway: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,

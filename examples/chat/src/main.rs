@@ -33,9 +33,27 @@ struct Cli {
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = parse_cli();
+    // GW_THREADS sets the runtime's worker threads (default: one per core).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("GW_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        rt.worker_threads(n);
+    }
+    match rt.enable_all().build() {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("gw-chat: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
