@@ -35,7 +35,12 @@ stop() {
   echo
   echo "stopping demo (pids ${pids[*]})"
   # Workers first so that they drain, then gateways, then the register.
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local i
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    # Workers drain first, then gateways close their clients, then the register.
+    [ "$i" -ge 3 ] && sleep 0.5
+  done
   wait 2>/dev/null || true
 }
 trap stop INT TERM EXIT

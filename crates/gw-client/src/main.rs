@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Gateways, their addresses and connection counts (needs --register).
+    /// Gateways (addresses, connections) and workers (events/s, handler latency), like `start.php status` (needs --register).
     Status,
     /// Clients online in the cluster.
     OnlineCount,
@@ -69,16 +69,63 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     "status needs --register and --secret".into(),
                 ));
             };
+            let secret = cli.secret.clone().unwrap_or_default();
+            let status = gw_link::discovery::cluster_status(
+                &cli.register[0],
+                secret.as_bytes(),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .map_err(ClientError::Unreachable)?;
             let counts = h.client_count_per_gateway().await?;
-            println!("{:<14} {:>11}", "GATEWAY", "CONNECTIONS");
-            let mut total = 0;
-            for (g, n) in &counts {
-                println!("{:<14} {:>11}", g.to_string(), n);
-                total += n;
-            }
             println!(
-                "{} gateway(s), {} connection(s), {} uid(s), {} group(s)",
-                counts.len(),
+                "{:<14} {:<22} {:>11}  PUBLIC",
+                "GATEWAY", "INTERNAL", "CONNECTIONS"
+            );
+            let mut total = 0;
+            for g in &status.gateways {
+                let n = g
+                    .gateway_id
+                    .parse()
+                    .ok()
+                    .and_then(|id| counts.get(&id).copied());
+                total += n.unwrap_or(0);
+                let n = n.map(|n| n.to_string()).unwrap_or_else(|| "?".into());
+                println!(
+                    "{:<14} {:<22} {:>11}  {}",
+                    g.gateway_id,
+                    g.internal_addr,
+                    n,
+                    g.public_urls.join(" ")
+                );
+            }
+            println!();
+            println!(
+                "{:<20} {:>9} {:>12} {:>14} {:>8} {:>7}",
+                "WORKER", "GATEWAYS", "EVENTS", "EVENTS/S", "MEAN MS", "PANICS"
+            );
+            for w in &status.workers {
+                let Some(r) = &w.report else { continue };
+                let mean_ms = if r.handler_count > 0 {
+                    r.handler_seconds_sum * 1000.0 / r.handler_count as f64
+                } else {
+                    0.0
+                };
+                println!(
+                    "{:<20} {:>9} {:>12} {:>14.1} {:>8.3} {:>7}",
+                    r.worker_id,
+                    r.gateways_linked,
+                    r.events_total,
+                    w.events_per_second,
+                    mean_ms,
+                    r.handler_panics
+                );
+            }
+            println!();
+            println!(
+                "{} gateway(s), {} worker(s), {} connection(s), {} uid(s), {} group(s)",
+                status.gateways.len(),
+                status.workers.len(),
                 total,
                 h.get_uid_count().await?,
                 h.get_group_id_list().await?.len()

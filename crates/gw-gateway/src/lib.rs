@@ -188,6 +188,9 @@ pub async fn run_with(
     let gateway_id = new_gateway_id();
     let internal_bound = listeners.internal_addr()?;
     let advertise = advertise_addr(config.advertise.as_deref(), internal_bound);
+    if internal_bound.ip().is_unspecified() && config.advertise.is_none() {
+        tracing::warn!(%advertise, "internal listener binds all addresses but no --advertise is set: workers on other hosts cannot reach {advertise}");
+    }
     let public_urls = listeners.public_urls();
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(State {
@@ -310,6 +313,7 @@ pub async fn run_with(
             }),
             heartbeat: state.config.link_heartbeat(),
             connect_timeout: Duration::from_secs(3),
+            report: None,
         },
         discovery_stop.clone(),
     );

@@ -24,7 +24,7 @@ use crate::{frame, handshake, Backoff};
 pub type GatewayList = Arc<Vec<GatewayInfo>>;
 
 /// How a node talks to the registers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DiscoveryConfig {
     pub registers: Vec<String>,
     pub secret: Vec<u8>,
@@ -34,6 +34,8 @@ pub struct DiscoveryConfig {
     pub announce: Option<GatewayInfo>,
     /// How often to ping the register; it drops us after 3 silent intervals.
     pub heartbeat: Duration,
+    /// Set for workers: a report sent on every heartbeat (for `gwctl status`).
+    pub report: Option<Arc<dyn Fn() -> pb::WorkerReport + Send + Sync>>,
     pub connect_timeout: Duration,
 }
 
@@ -172,9 +174,49 @@ impl Session {
                     if last_heard.elapsed() > self.config.heartbeat * 3 {
                         return Err("register stopped answering".into());
                     }
-                    link.send(frame(Body::Ping(pb::Ping { nonce: 0 }))).await.map_err(|e| e.to_string())?;
+                    let beat = match &self.config.report {
+                        Some(report) => Body::WorkerReport(report()),
+                        None => Body::Ping(pb::Ping { nonce: 0 }),
+                    };
+                    link.send(frame(beat)).await.map_err(|e| e.to_string())?;
                 }
             }
         }
     }
+}
+
+/// Asks a register for the cluster as it sees it: gateways, and workers
+/// with their latest reports.
+pub async fn cluster_status(
+    register: &str,
+    secret: &[u8],
+    timeout: Duration,
+) -> Result<pb::StatusReply, String> {
+    let (mut link, _) = crate::handshake::connect(
+        register,
+        secret,
+        Role::PushClient,
+        &format!("status-{:08x}", rand::random::<u32>()),
+        crate::DEFAULT_MAX_FRAME,
+        timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    link.send(frame(Body::StatusRequest(pb::StatusRequest {})))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(timeout, async {
+        while let Some(f) = link.next().await {
+            match f.map_err(|e| e.to_string())?.body {
+                Some(Body::StatusReply(r)) => return Ok(r),
+                Some(Body::Error(e)) => {
+                    return Err(format!("register refused: {}: {}", e.code, e.message))
+                }
+                _ => continue,
+            }
+        }
+        Err("register closed the link".to_string())
+    })
+    .await
+    .map_err(|_| "register did not answer".to_string())?
 }

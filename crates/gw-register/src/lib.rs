@@ -102,9 +102,18 @@ struct Entry {
     conn: u64,
 }
 
+/// A worker's last two reports, for rates.
+struct WorkerEntry {
+    conn: u64,
+    last: pb::WorkerReport,
+    at: Instant,
+    rate: f64,
+}
+
 struct State {
     config: RegisterConfig,
     gateways: Mutex<BTreeMap<String, Entry>>,
+    workers: Mutex<BTreeMap<String, WorkerEntry>>,
     list: watch::Sender<GatewayList>,
     next_conn: AtomicU64,
     /// Authenticated peers connected now.
@@ -189,6 +198,7 @@ pub async fn run_with_metrics(
     let state = Arc::new(State {
         config,
         gateways: Mutex::new(BTreeMap::new()),
+        workers: Mutex::new(BTreeMap::new()),
         list: watch::channel(GatewayList::default()).0,
         next_conn: AtomicU64::new(1),
         peers: AtomicU64::new(0),
@@ -265,6 +275,7 @@ async fn serve_peer(
     let mut list_rx = state.list.subscribe();
     let mut subscribed = false;
     let mut announced: Option<String> = None;
+    let mut reported: Option<String> = None;
     let mut last_heard = Instant::now();
     let mut tick = tokio::time::interval(timeout / 3);
     let reason: String = loop {
@@ -326,6 +337,33 @@ async fn serve_peer(
                             }
                         }
                     }
+                    Some(Body::WorkerReport(r)) if peer.role == Role::Worker => {
+                        let mut workers = state.workers.lock();
+                        let now = Instant::now();
+                        let rate = match workers.get(&r.worker_id) {
+                            Some(prev) if prev.conn == conn => {
+                                let dt = now.duration_since(prev.at).as_secs_f64();
+                                if dt > 0.0 { r.events_total.saturating_sub(prev.last.events_total) as f64 / dt } else { prev.rate }
+                            }
+                            _ => 0.0,
+                        };
+                        reported = Some(r.worker_id.clone());
+                        workers.insert(r.worker_id.clone(), WorkerEntry { conn, last: r, at: now, rate });
+                    }
+                    Some(Body::StatusRequest(_)) => {
+                        let reply = pb::StatusReply {
+                            gateways: list_rx.borrow().to_vec(),
+                            workers: state
+                                .workers
+                                .lock()
+                                .values()
+                                .map(|w| pb::WorkerStatus { report: Some(w.last.clone()), events_per_second: w.rate })
+                                .collect(),
+                        };
+                        if link.send(frame(Body::StatusReply(reply))).await.is_err() {
+                            break "write failed".into();
+                        }
+                    }
                     Some(Body::Goodbye(_)) => break "peer said goodbye".into(),
                     _ => {
                         tracing::warn!(node = %peer.node_id, addr = %peer.addr, "unexpected frame from peer");
@@ -336,6 +374,12 @@ async fn serve_peer(
             }
         }
     };
+    if let Some(id) = reported {
+        let mut workers = state.workers.lock();
+        if workers.get(&id).is_some_and(|w| w.conn == conn) {
+            workers.remove(&id);
+        }
+    }
     if let Some(id) = announced {
         let mut gateways = state.gateways.lock();
         if gateways.get(&id).is_some_and(|e| e.conn == conn) {

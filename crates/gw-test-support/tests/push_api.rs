@@ -441,7 +441,11 @@ async fn gwctl_shows_status_and_pushes_over_links_and_http() -> anyhow::Result<(
     let (code, out, err) =
         tokio::task::block_in_place(|| gwctl(&[&link[..], &["status"]].concat()))?;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("2 gateway(s), 3 connection(s)"), "{out}");
+    assert!(
+        out.contains("2 gateway(s), 2 worker(s), 3 connection(s)"),
+        "{out}"
+    );
+    assert!(out.contains("WORKER"), "{out}");
     let (code, out, _) =
         tokio::task::block_in_place(|| gwctl(&[&link[..], &["online-count"]].concat()))?;
     assert_eq!((code, out.trim()), (0, "3"));

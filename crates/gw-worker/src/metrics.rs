@@ -37,6 +37,23 @@ impl WorkerMetrics {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The report sent to the register on every heartbeat.
+    pub(crate) fn report(&self, worker_id: &str) -> gw_protocol::pb::WorkerReport {
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let count: u64 = self.latency.iter().map(c).sum();
+        gw_protocol::pb::WorkerReport {
+            worker_id: worker_id.to_string(),
+            events_total: c(&self.connects)
+                + c(&self.messages)
+                + c(&self.closes)
+                + c(&self.handshakes),
+            handler_count: count,
+            handler_seconds_sum: c(&self.latency_sum_us) as f64 / 1e6,
+            gateways_linked: c(&self.links) as u32,
+            handler_panics: c(&self.panics),
+        }
+    }
+
     /// Prometheus text format.
     pub fn render(&self) -> String {
         use std::fmt::Write;

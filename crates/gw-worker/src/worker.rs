@@ -80,6 +80,8 @@ pub enum WorkerError {
     Config(String),
     #[error("cluster unreachable: {0}")]
     Unreachable(String),
+    #[error("cannot bind {0}")]
+    Bind(String),
 }
 
 /// Settings of a worker; see each method.
@@ -259,7 +261,7 @@ impl WorkerBuilder {
             let listener = std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|_| l))
                 .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|e| WorkerError::Config(format!("metrics: binding {addr}: {e}")))?;
+                .map_err(|e| WorkerError::Bind(format!("metrics listener {addr}: {e}")))?;
             tracing::info!(metrics = ?listener.local_addr().ok(), "worker metrics listening");
             let m = shared.metrics.clone();
             tokio::spawn(gw_link::admin::serve(
@@ -283,6 +285,12 @@ impl WorkerBuilder {
                 announce: None,
                 heartbeat: self.heartbeat,
                 connect_timeout: Duration::from_secs(3),
+                report: (self.role == Role::Worker).then(|| {
+                    let m = shared.metrics.clone();
+                    let id = node_id.clone();
+                    Arc::new(move || m.report(&id))
+                        as Arc<dyn Fn() -> pb::WorkerReport + Send + Sync>
+                }),
             },
             discovery_stop.clone(),
         );

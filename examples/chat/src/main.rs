@@ -92,9 +92,13 @@ async fn async_main(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e @ gw_worker::WorkerError::Config(_)) => {
             eprintln!("gw-chat: {e}");
             ExitCode::from(64)
+        }
+        Err(e) => {
+            eprintln!("gw-chat: {e}");
+            ExitCode::from(1)
         }
     }
 }
