@@ -160,31 +160,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(parse_cli()).await {
+    match run(gw_daemon::parse_cli()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(ClientError::Invalid(m)) => {
             eprintln!("gwctl: {m}");
-            ExitCode::from(64)
+            ExitCode::from(gw_daemon::EXIT_CONFIG)
         }
         Err(e) => {
             eprintln!("gwctl: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// Parses flags; a flag error is a configuration error (exit 64), help and
-/// version exit 0.
-fn parse_cli() -> Cli {
-    match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => 64,
-            };
-            let _ = e.print();
-            std::process::exit(code);
         }
     }
 }

@@ -104,46 +104,18 @@ fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     Ok(config)
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = parse_cli();
-    // GW_THREADS sets the runtime's worker threads (default: one per core).
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("GW_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        rt.worker_threads(n);
-    }
-    match rt.enable_all().build() {
-        Ok(rt) => rt.block_on(async_main(cli)),
-        Err(e) => {
-            eprintln!("gw-gateway: cannot start the runtime: {e}");
-            ExitCode::from(1)
-        }
-    }
+    let cli: Cli = gw_daemon::parse_cli();
+    gw_daemon::run("gw-gateway", async_main(cli))
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_json);
+    gw_daemon::init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gw-gateway: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(gw_daemon::EXIT_CONFIG);
         }
     };
     let listeners = match Listeners::bind(&config).await {
@@ -154,39 +126,13 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    // SIGHUP is handled inside the gateway (TLS reload).
+    tokio::spawn(gw_daemon::signals(shutdown.clone(), || {}));
     match gw_gateway::run(config, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gw-gateway: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("signal received: stopping gracefully");
-    shutdown.cancel();
-}
-
-/// Parses flags; a flag error is a configuration error (exit 64), help and
-/// version exit 0.
-fn parse_cli() -> Cli {
-    match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => 64,
-            };
-            let _ = e.print();
-            std::process::exit(code);
         }
     }
 }

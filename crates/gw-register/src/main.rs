@@ -56,24 +56,18 @@ fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = parse_cli();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+fn main() -> ExitCode {
+    let cli: Cli = gw_daemon::parse_cli();
+    gw_daemon::run("gw-register", async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
+    gw_daemon::init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gw-register: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(gw_daemon::EXIT_CONFIG);
         }
     };
     let listener = match tokio::net::TcpListener::bind(&config.listen).await {
@@ -94,41 +88,14 @@ async fn main() -> ExitCode {
         None => None,
     };
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload"),
-            }
-        }
-        stop.cancel();
-    });
+    tokio::spawn(gw_daemon::signals(shutdown.clone(), || {
+        tracing::info!("SIGHUP: nothing to reload")
+    }));
     match gw_register::run_with_metrics(config, listener, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gw-register: {e}");
-            ExitCode::from(64)
-        }
-    }
-}
-
-/// Parses flags; a flag error is a configuration error (exit 64), help and
-/// version exit 0.
-fn parse_cli() -> Cli {
-    match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => 64,
-            };
-            let _ = e.print();
-            std::process::exit(code);
+            ExitCode::from(gw_daemon::EXIT_CONFIG)
         }
     }
 }

@@ -34,36 +34,12 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = parse_cli();
-    // GW_THREADS sets the runtime's worker threads (default: one per core).
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("GW_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        rt.worker_threads(n);
-    }
-    match rt.enable_all().build() {
-        Ok(rt) => rt.block_on(async_main(cli)),
-        Err(e) => {
-            eprintln!("gw-chat: cannot start the runtime: {e}");
-            ExitCode::from(1)
-        }
-    }
+    let cli: Cli = gw_daemon::parse_cli();
+    gw_daemon::run("gw-chat", async_main(cli))
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    gw_daemon::init_logging(cli.log_json);
     if let Some(addr) = &cli.web {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
@@ -94,27 +70,11 @@ async fn async_main(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ gw_worker::WorkerError::Config(_)) => {
             eprintln!("gw-chat: {e}");
-            ExitCode::from(64)
+            ExitCode::from(gw_daemon::EXIT_CONFIG)
         }
         Err(e) => {
             eprintln!("gw-chat: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// Parses flags; a flag error is a configuration error (exit 64), help and
-/// version exit 0.
-fn parse_cli() -> Cli {
-    match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => 64,
-            };
-            let _ = e.print();
-            std::process::exit(code);
         }
     }
 }
