@@ -124,12 +124,12 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let key = gateway
-        .config
+        .config()
         .api_key
         .clone()
         .unwrap_or_default()
         .into_bytes();
-    let limit = gateway.config.max_message_bytes * 2 + 64 * 1024;
+    let limit = gateway.config().max_message_bytes * 2 + 64 * 1024;
     let state = Arc::new(ApiState { gateway, push, key });
     let app = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -378,7 +378,7 @@ fn payload(
         (_, Value::String(t)) => Payload::text(t.clone()),
         (_, v) => Payload::text(v.to_string()),
     };
-    let max = s.gateway.config.max_message_bytes;
+    let max = s.gateway.config().max_message_bytes;
     if p.data.len() > max {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,

@@ -113,7 +113,9 @@ pub enum GatewayError {
 
 /// Shared by every task of one gateway.
 pub(crate) struct State {
-    pub(crate) config: GatewayConfig,
+    /// The configuration; its run-time settings are replaced by
+    /// [`GatewayHandle::reload`] (SIGHUP).
+    config: parking_lot::RwLock<Arc<GatewayConfig>>,
     pub(crate) hub: Hub,
     pub(crate) router: Router,
     /// Cancelled when the gateway stops accepting (the start of shutdown).
@@ -134,6 +136,11 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The current configuration.
+    pub(crate) fn config(&self) -> Arc<GatewayConfig> {
+        self.config.read().clone()
+    }
+
     /// Milliseconds since the gateway started (a cheap clock for heartbeats).
     pub(crate) fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -156,6 +163,79 @@ pub struct GatewayHandle {
     pub metrics: Arc<Metrics>,
     /// The gateway list learned from the register(s).
     pub peers: watch::Receiver<GatewayList>,
+    state: Arc<State>,
+}
+
+/// Settings that take effect only at start-up; a reload that changes them
+/// keeps the running values and says so.
+const RESTART_ONLY: &[&str] = &[
+    "register",
+    "secret",
+    "listen",
+    "internal",
+    "advertise",
+    "api",
+    "api_key",
+    "tls_cert",
+    "tls_key",
+    "worker_queue",
+    "link_max_frame",
+];
+
+impl GatewayHandle {
+    /// Applies a new configuration to what can change at run time (limits,
+    /// heartbeats, queues of new clients, rate limit, origins, proxies,
+    /// timeouts, the handshake policy). New values apply to new connections
+    /// and, for the rate limit, queue and size limits, to new clients; open
+    /// connections keep running. Returns the fields changed and the
+    /// start-up-only fields that differ (kept as they were).
+    pub fn reload(
+        &self,
+        new: GatewayConfig,
+    ) -> Result<(Vec<String>, Vec<String>), config::ConfigError> {
+        new.validate()?;
+        let old = self.state.config();
+        let as_map = |c: &GatewayConfig| match toml::Value::try_from(c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => Default::default(),
+        };
+        let (old_map, mut new_map) = (as_map(&old), as_map(&new));
+        let mut changed = Vec::new();
+        let mut ignored = Vec::new();
+        for (k, v) in new_map.iter_mut() {
+            if old_map.get(k) != Some(v) {
+                if RESTART_ONLY.contains(&k.as_str()) {
+                    ignored.push(k.clone());
+                    if let Some(o) = old_map.get(k) {
+                        *v = o.clone();
+                    }
+                } else {
+                    changed.push(k.clone());
+                }
+            }
+        }
+        // Fields unset in the new file but set before are start-up-only
+        // (optional addresses): keep them too.
+        for (k, v) in &old_map {
+            if !new_map.contains_key(k) && RESTART_ONLY.contains(&k.as_str()) {
+                new_map.insert(k.clone(), v.clone());
+            }
+        }
+        let merged: GatewayConfig =
+            toml::Value::Table(new_map)
+                .try_into()
+                .map_err(|e| config::ConfigError {
+                    field: "config",
+                    message: e.to_string(),
+                })?;
+        *self.state.config.write() = Arc::new(merged);
+        Ok((changed, ignored))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<GatewayConfig> {
+        self.state.config()
+    }
 }
 
 /// Serves until `shutdown` is cancelled, then stops gracefully.
@@ -203,13 +283,13 @@ pub async fn run_with(
         trusted_proxies: config.trusted_proxy_ips(),
         tls: tls.clone(),
         started: Instant::now(),
-        config,
+        config: parking_lot::RwLock::new(Arc::new(config)),
     });
     tracing::info!(gateway = %gateway_id, internal = %internal_bound, %advertise, public = ?public_urls, "gateway listening");
 
     let links = TaskTracker::new();
     let clients = TaskTracker::new();
-    let secret = state.config.secret.as_bytes().to_vec();
+    let secret = state.config().secret.as_bytes().to_vec();
 
     // Internal listener: worker links.
     {
@@ -239,8 +319,8 @@ pub async fn run_with(
                         &secret,
                         &node_id,
                         &[Role::Worker, Role::PushClient],
-                        state.config.link_max_frame,
-                        state.config.handshake_timeout(),
+                        state.config().link_max_frame,
+                        state.config().handshake_timeout(),
                     )
                     .await;
                     match accepted {
@@ -302,8 +382,8 @@ pub async fn run_with(
     let discovery_stop = CancellationToken::new();
     let (peers, _registers_up) = discovery::start(
         DiscoveryConfig {
-            registers: state.config.register.clone(),
-            secret: state.config.secret.as_bytes().to_vec(),
+            registers: state.config().register.clone(),
+            secret: state.config().secret.as_bytes().to_vec(),
             role: Role::Gateway,
             node_id: gateway_id.to_string(),
             announce: Some(GatewayInfo {
@@ -311,7 +391,7 @@ pub async fn run_with(
                 internal_addr: advertise.clone(),
                 public_urls,
             }),
-            heartbeat: state.config.link_heartbeat(),
+            heartbeat: state.config().link_heartbeat(),
             connect_timeout: Duration::from_secs(3),
             report: None,
         },
@@ -323,10 +403,10 @@ pub async fn run_with(
     if let Some(api_listener) = listeners.api {
         tracing::info!(api = ?api_listener.local_addr().ok(), "push API listening");
         let mut builder = gw_worker::PushClient::builder()
-            .secret(state.config.secret.clone())
+            .secret(state.config().secret.clone())
             .name(format!("api-{gateway_id}"))
-            .heartbeat(state.config.link_heartbeat());
-        for r in &state.config.register {
+            .heartbeat(state.config().link_heartbeat());
+        for r in &state.config().register {
             builder = builder.register(r.clone());
         }
         match builder.start_push() {
@@ -346,10 +426,11 @@ pub async fn run_with(
         gateway_id,
         metrics: metrics.clone(),
         peers,
+        state: state.clone(),
     });
 
     shutdown.cancelled().await;
-    let grace = state.config.shutdown_grace();
+    let grace = state.config().shutdown_grace();
     tracing::info!(gateway = %gateway_id, clients = state.hub.client_count(), "gateway stopping: closing clients");
     // Leave the register first so workers stop sending us new work.
     discovery_stop.cancel();

@@ -126,10 +126,41 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    // SIGHUP is handled inside the gateway (TLS reload).
-    tokio::spawn(gw_daemon::signals(shutdown.clone(), || {}));
-    match gw_gateway::run(config, listeners, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let gateway = tokio::spawn(gw_gateway::run_with(
+        config,
+        listeners,
+        shutdown.clone(),
+        ready_tx,
+    ));
+    // SIGHUP: re-read the config file, environment and flags, and apply
+    // what can change at run time (the gateway itself reloads TLS).
+    if let Ok(handle) = ready_rx.await {
+        tokio::spawn(gw_daemon::signals(shutdown.clone(), move || {
+            match load(&cli) {
+                Ok(new) => match handle.reload(new) {
+                    Ok((changed, ignored)) => {
+                        tracing::info!(?changed, "SIGHUP: configuration reloaded");
+                        if !ignored.is_empty() {
+                            tracing::warn!(?ignored, "SIGHUP: these settings only change with a restart; kept as they were");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: new configuration refused; keeping the old one")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: new configuration refused; keeping the old one")
+                }
+            }
+        }));
+    }
+    match gateway.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("gw-gateway: {e}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("gw-gateway: {e}");
             ExitCode::from(1)

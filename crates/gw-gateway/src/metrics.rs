@@ -35,6 +35,8 @@ pub struct Metrics {
     pub worker_links: AtomicU64,
     /// Internal link attempts refused (bad secret, bad frame).
     pub links_refused: AtomicU64,
+    /// Events written to workers and not yet acknowledged (all links).
+    pub events_inflight: AtomicU64,
     /// Payload bytes received from clients.
     pub bytes_in: AtomicU64,
     /// Payload bytes queued to clients.

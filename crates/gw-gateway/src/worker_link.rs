@@ -37,7 +37,8 @@ pub(crate) async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
-    let cfg = &state.config;
+    let cfg = state.config();
+    let cfg = &*cfg;
     let (slot, mut queue) = state.router.add(cfg.worker_queue);
     let is_worker = peer.role == Role::Worker;
     if !is_worker {
@@ -83,6 +84,7 @@ pub(crate) async fn serve(
                     next_id += 1;
                     let f = frame(Body::Event(ev.event.clone()));
                     inflight.insert(ev.event.id, ev);
+                    metrics.events_inflight.fetch_add(1, Ordering::Relaxed);
                     batch += 1;
                     if let Err(e) = link.feed(f).await {
                         failed = Some(e.to_string());
@@ -200,6 +202,9 @@ pub(crate) async fn serve(
         metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
     }
     queue.close();
+    metrics
+        .events_inflight
+        .fetch_sub(inflight.len() as u64, Ordering::Relaxed);
     let mut pending: Vec<RoutedEvent> = inflight
         .into_values()
         .map(|mut ev| {
@@ -278,6 +283,7 @@ async fn handle_frame(
             for id in a.ids {
                 if let Some(ev) = inflight.remove(&id) {
                     ev.flow.done();
+                    metrics.events_inflight.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }

@@ -282,3 +282,60 @@ async fn sixteen_gateways_and_sixteen_workers_link_fully_and_follow_changes() ->
     push.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_run_time_settings_without_dropping_clients() -> anyhow::Result<()> {
+    let register_addr = format!("127.0.0.1:{}", free_port());
+    let _register = Proc::spawn(
+        "gw-register",
+        &["--listen", &register_addr, "--secret", SECRET],
+    )?;
+    let ws = free_port();
+    let dir = std::env::temp_dir().join(format!("gw-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("gateway.toml");
+    let write = |max: u32| {
+        std::fs::write(
+            &file,
+            format!(
+                "register = [\"{register_addr}\"]\nsecret = \"{SECRET}\"\nlisten = [\"ws://127.0.0.1:{ws}\"]\ninternal = \"127.0.0.1:0\"\nmax_connections = {max}\n"
+            ),
+        )
+    };
+    write(1)?;
+    let gw = Proc::spawn("gw-gateway", &["--config", file.to_str().unwrap()])?;
+    let _w = chat(&register_addr)?;
+    let url = format!("ws://127.0.0.1:{ws}");
+    let (mut a, _) = connect_when_ready(&url).await?;
+    // At the limit: a second client is refused.
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    // Raise the limit in the file and SIGHUP: new clients get in, the open
+    // one is untouched.
+    write(10)?;
+    gw.signal("HUP");
+    let mut second = None;
+    for _ in 0..50 {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_secs(2), WsClient::connect_chat(&url)).await
+        {
+            second = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        second.is_some(),
+        "the new limit was not applied after SIGHUP"
+    );
+    a.send_json(json!({"type":"echo","text":"still here"}))
+        .await?;
+    assert_eq!(
+        a.recv_type("echo").await?,
+        json!({"type":"echo","text":"still here"})
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

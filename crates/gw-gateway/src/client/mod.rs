@@ -82,7 +82,8 @@ async fn handle_connection(
     spec: ListenSpec,
     state: Arc<State>,
 ) {
-    let cfg = &state.config;
+    let cfg = state.config();
+    let cfg = &*cfg;
     let metrics = state.hub.metrics.clone();
     let open = state.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
     let _permit = ConnectionPermit(state.clone());
@@ -276,7 +277,8 @@ async fn ws_handshake(
     flow: &Arc<ClientFlow>,
     sticky: &mut Option<Arc<WorkerSlot>>,
 ) -> Result<(String, Vec<u8>), Refusal> {
-    let cfg = &state.config;
+    let cfg = state.config();
+    let cfg = &*cfg;
     let req = read_request(stream, cfg.max_header_bytes).await?;
     if !cfg.allowed_origins.is_empty() {
         let origin = req.header("origin").unwrap_or("");
@@ -429,7 +431,7 @@ async fn read_loop(
     // messages per second (burst of the same size). Over the limit the
     // reader pauses, so the client is slowed by TCP back-pressure; nothing
     // is dropped.
-    let rate = state.config.client_rate_limit as f64;
+    let rate = state.config().client_rate_limit as f64;
     let mut tokens = rate;
     let mut refilled = tokio::time::Instant::now();
     let reason = loop {
@@ -518,7 +520,8 @@ async fn write_loop(
     client_id: ClientId,
     spec: ListenSpec,
 ) {
-    let cfg = &state.config;
+    let cfg = state.config();
+    let cfg = &*cfg;
     let ping_every = spec.ping_interval(cfg);
     let mut tick = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
     tick.tick().await;
