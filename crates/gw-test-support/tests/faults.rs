@@ -282,3 +282,82 @@ async fn with_no_worker_clients_wait_and_nothing_is_dropped() -> anyhow::Result<
     c.stop().await;
     Ok(())
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_both_workers_under_load_loses_and_duplicates_nothing(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(2).await?;
+    c.add_worker(Chat).await?;
+    c.add_worker(Chat).await?;
+    const SENDERS: usize = 4;
+    const N: u64 = 300;
+    let (mut rx, _) = WsClient::connect_chat(&c.gateways[0].ws_url).await?;
+    rx.send_json(json!({"type":"join","room":"roll"})).await?;
+    rx.recv_type("joined").await?;
+    let mut senders = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..SENDERS {
+        let (mut s, id) = WsClient::connect_chat(&c.gateways[i % 2].ws_url).await?;
+        ids.push(id);
+        senders.push(tokio::spawn(async move {
+            for n in 0..N {
+                s.send_json(json!({"type":"say","room":"roll","text":n}))
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            // Still connected after the restarts: an echo round trip works.
+            s.send_json(json!({"type":"echo","text":"alive"})).await?;
+            s.recv_type("echo").await?;
+            anyhow::Ok(())
+        }));
+    }
+    let rss_before = rss_kib();
+    // Roll: a new worker comes, an old one drains and leaves; twice.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.add_worker(Chat).await?;
+        let old = c.workers.remove(0);
+        old.stop().await;
+    }
+    let mut got: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut peak = rss_before;
+    while got.values().map(Vec::len).sum::<usize>() < SENDERS * N as usize {
+        let m = rx.recv_type("said").await?;
+        got.entry(m["from"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(m["text"].as_u64().unwrap());
+        peak = peak.max(rss_kib());
+    }
+    rx.expect_silence(Duration::from_millis(300)).await?;
+    for s in senders {
+        s.await??;
+    }
+    for id in &ids {
+        let seq = got.get(id).cloned().unwrap_or_default();
+        assert_eq!(
+            seq,
+            (0..N).collect::<Vec<_>>(),
+            "sender {id}: lost, duplicated or reordered"
+        );
+    }
+    eprintln!(
+        "rolling restart: {} messages sent, {} delivered, 0 lost, 0 duplicated; test-process RSS {} -> peak {} KiB",
+        SENDERS as u64 * N,
+        got.values().map(Vec::len).sum::<usize>(),
+        rss_before,
+        peak
+    );
+    c.stop().await;
+    Ok(())
+}
