@@ -211,6 +211,16 @@ pub struct GatewayConfig {
     /// size); beyond it the gateway reads from that client more slowly
     /// (TCP back-pressure, nothing dropped). 0 = no limit.
     pub client_rate_limit: u32,
+    /// TLS on internal links: this gateway's certificate (PEM) for its
+    /// internal listener. With `link_tls_key`.
+    pub link_tls_cert: Option<String>,
+    /// TLS on internal links: the private key for `link_tls_cert`.
+    pub link_tls_key: Option<String>,
+    /// TLS on internal links: CA certificate(s) (PEM) to check the register
+    /// and other gateways against when dialing them.
+    pub link_tls_ca: Option<String>,
+    /// The name every internal certificate carries (checked when dialing).
+    pub link_tls_name: String,
     /// PEM certificate chain for `wss` listeners (re-read on SIGHUP).
     pub tls_cert: Option<String>,
     /// PEM private key for `wss` listeners (re-read on SIGHUP).
@@ -248,6 +258,10 @@ impl Default for GatewayConfig {
             tls_cert: None,
             tls_key: None,
             client_rate_limit: 0,
+            link_tls_cert: None,
+            link_tls_key: None,
+            link_tls_ca: None,
+            link_tls_name: "gateworker".into(),
         }
     }
 }
@@ -317,6 +331,12 @@ impl GatewayConfig {
         }
         if self.api.is_some() && self.api_key.as_deref().is_none_or(|k| k.len() < 16) {
             return Err(bad("api_key", "set an API key of at least 16 characters for the push API (--api-key or GW_API_KEY)"));
+        }
+        if self.link_tls_cert.is_some() != self.link_tls_key.is_some() {
+            return Err(bad(
+                "link_tls_cert",
+                "set both link_tls_cert and link_tls_key, or neither",
+            ));
         }
         if self.handshake_timeout_ms < 100 {
             return Err(bad("handshake_timeout_ms", "must be at least 100"));

@@ -265,6 +265,16 @@ pub async fn run_with(
         )?)),
         _ => None,
     };
+    let link_tls = gw_link::LinkTls::from_files(
+        config.link_tls_cert.as_deref(),
+        config.link_tls_key.as_deref(),
+        config.link_tls_ca.as_deref(),
+        &config.link_tls_name,
+    )
+    .map_err(|e| config::ConfigError {
+        field: "link_tls_cert",
+        message: e,
+    })?;
     let gateway_id = new_gateway_id();
     let internal_bound = listeners.internal_addr()?;
     let advertise = advertise_addr(config.advertise.as_deref(), internal_bound);
@@ -292,6 +302,7 @@ pub async fn run_with(
     let secret = state.config().secret.as_bytes().to_vec();
 
     // Internal listener: worker links.
+    let link_tls_accept = link_tls.acceptor.clone();
     {
         let state = state.clone();
         let links2 = links.clone();
@@ -313,9 +324,11 @@ pub async fn run_with(
                 let state = state.clone();
                 let secret = secret.clone();
                 let node_id = node_id.clone();
+                let acceptor = link_tls_accept.clone();
                 links2.spawn(async move {
-                    let accepted = gw_link::accept(
+                    let accepted = gw_link::accept_with(
                         stream,
+                        acceptor.as_ref(),
                         &secret,
                         &node_id,
                         &[Role::Worker, Role::PushClient],
@@ -393,6 +406,7 @@ pub async fn run_with(
             }),
             heartbeat: state.config().link_heartbeat(),
             connect_timeout: Duration::from_secs(3),
+            tls: link_tls.clone(),
             report: None,
         },
         discovery_stop.clone(),
@@ -405,7 +419,8 @@ pub async fn run_with(
         let mut builder = gw_worker::PushClient::builder()
             .secret(state.config().secret.clone())
             .name(format!("api-{gateway_id}"))
-            .heartbeat(state.config().link_heartbeat());
+            .heartbeat(state.config().link_heartbeat())
+            .link_tls_config(link_tls.clone());
         for r in &state.config().register {
             builder = builder.register(r.clone());
         }

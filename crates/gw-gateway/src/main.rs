@@ -50,6 +50,18 @@ struct Cli {
     /// PEM private key for wss:// listeners (re-read on SIGHUP).
     #[arg(long, env = "GW_TLS_KEY")]
     tls_key: Option<String>,
+    /// TLS on internal links: this gateway's certificate (PEM).
+    #[arg(long, env = "GW_LINK_TLS_CERT")]
+    link_tls_cert: Option<String>,
+    /// TLS on internal links: its private key (PEM).
+    #[arg(long, env = "GW_LINK_TLS_KEY")]
+    link_tls_key: Option<String>,
+    /// TLS on internal links: CA certificate(s) to check the register and other gateways.
+    #[arg(long, env = "GW_LINK_TLS_CA")]
+    link_tls_ca: Option<String>,
+    /// The name internal certificates carry (default gateworker).
+    #[arg(long, env = "GW_LINK_TLS_NAME")]
+    link_tls_name: Option<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
@@ -84,6 +96,18 @@ fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     }
     if let Some(v) = cli.ping_interval_ms {
         config.ping_interval_ms = v;
+    }
+    if let Some(v) = &cli.link_tls_cert {
+        config.link_tls_cert = Some(v.clone());
+    }
+    if let Some(v) = &cli.link_tls_key {
+        config.link_tls_key = Some(v.clone());
+    }
+    if let Some(v) = &cli.link_tls_ca {
+        config.link_tls_ca = Some(v.clone());
+    }
+    if let Some(v) = &cli.link_tls_name {
+        config.link_tls_name = v.clone();
     }
     if let Some(v) = &cli.tls_cert {
         config.tls_cert = Some(v.clone());

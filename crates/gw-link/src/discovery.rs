@@ -34,6 +34,8 @@ pub struct DiscoveryConfig {
     pub announce: Option<GatewayInfo>,
     /// How often to ping the register; it drops us after 3 silent intervals.
     pub heartbeat: Duration,
+    /// TLS for the register links (when the cluster uses it).
+    pub tls: crate::LinkTls,
     /// Set for workers: a report sent on every heartbeat (for `gwctl status`).
     pub report: Option<Arc<dyn Fn() -> pb::WorkerReport + Send + Sync>>,
     pub connect_timeout: Duration,
@@ -120,8 +122,9 @@ impl Session {
 
     async fn session(&self) -> Result<(), String> {
         let c = &self.config;
-        let (mut link, register_id) = handshake::connect(
+        let (mut link, register_id) = handshake::connect_with(
             &self.addr,
+            &c.tls,
             &c.secret,
             c.role,
             &c.node_id,

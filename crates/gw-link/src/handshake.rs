@@ -23,7 +23,7 @@ use gw_protocol::PROTOCOL_VERSION;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use crate::{error_frame, frame, FramedLink, LinkCodec, LinkError};
+use crate::{error_frame, frame, FramedLink, LinkCodec, LinkError, LinkStream, LinkTls};
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +76,29 @@ pub async fn accept(
     max_frame: usize,
     timeout: Duration,
 ) -> Result<(FramedLink, Peer), HandshakeError> {
+    accept_with(stream, None, secret, node_id, allowed, max_frame, timeout).await
+}
+
+/// [`accept`], serving TLS first when `tls` is given.
+pub async fn accept_with(
+    stream: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    secret: &[u8],
+    node_id: &str,
+    allowed: &[Role],
+    max_frame: usize,
+    timeout: Duration,
+) -> Result<(FramedLink, Peer), HandshakeError> {
     let addr = stream.peer_addr().map_err(LinkError::from)?;
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        None => LinkStream::Plain(stream),
+        Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => LinkStream::Server(Box::new(s)),
+            Ok(Err(e)) => return Err(HandshakeError::Link(LinkError::Io(e))),
+            Err(_) => return Err(HandshakeError::Timeout),
+        },
+    };
     let mut link = Framed::new(stream, LinkCodec::handshake());
     let result = tokio::time::timeout(
         timeout,
@@ -167,9 +188,40 @@ pub async fn connect(
     max_frame: usize,
     timeout: Duration,
 ) -> Result<(FramedLink, String), HandshakeError> {
+    connect_with(
+        addr,
+        &LinkTls::default(),
+        secret,
+        role,
+        node_id,
+        max_frame,
+        timeout,
+    )
+    .await
+}
+
+/// [`connect`], over TLS when `tls` has a connector.
+pub async fn connect_with(
+    addr: &str,
+    tls: &LinkTls,
+    secret: &[u8],
+    role: Role,
+    node_id: &str,
+    max_frame: usize,
+    timeout: Duration,
+) -> Result<(FramedLink, String), HandshakeError> {
     tokio::time::timeout(timeout, async {
-        let stream = TcpStream::connect(addr).await.map_err(LinkError::from)?;
-        let _ = stream.set_nodelay(true);
+        let tcp = TcpStream::connect(addr).await.map_err(LinkError::from)?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match &tls.connector {
+            None => LinkStream::Plain(tcp),
+            Some((connector, name)) => LinkStream::Client(Box::new(
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(LinkError::from)?,
+            )),
+        };
         let mut link = Framed::new(stream, LinkCodec::handshake());
         let challenge = match next(&mut link).await? {
             Body::Challenge(c) => c,

@@ -9,20 +9,21 @@
 pub mod admin;
 pub mod discovery;
 pub mod handshake;
+pub mod tls;
 
 use std::time::Duration;
 
 use bytes::BytesMut;
 use gw_protocol::frame::{self, FrameError};
 use gw_protocol::pb::{self, link_frame::Body, LinkFrame};
-use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 pub use gw_protocol::frame::DEFAULT_MAX_FRAME;
-pub use handshake::{accept, connect, HandshakeError, Peer};
+pub use handshake::{accept, accept_with, connect, connect_with, HandshakeError, Peer};
+pub use tls::{LinkStream, LinkTls};
 
-/// A TCP connection speaking link frames.
-pub type FramedLink = Framed<TcpStream, LinkCodec>;
+/// A connection (TCP, or TLS over TCP) speaking link frames.
+pub type FramedLink = Framed<tls::LinkStream, LinkCodec>;
 
 /// `tokio_util` codec over [`gw_protocol::frame`], with a size cap that is
 /// small during the handshake and raised once the peer is authenticated.

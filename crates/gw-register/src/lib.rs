@@ -42,6 +42,10 @@ pub struct RegisterConfig {
     pub handshake_timeout_ms: u64,
     /// Admin listener (HOST:PORT) for `/metrics` and `/healthz`; off if unset.
     pub metrics: Option<String>,
+    /// TLS on internal links: the register's certificate (PEM).
+    pub link_tls_cert: Option<String>,
+    /// TLS on internal links: its private key (PEM).
+    pub link_tls_key: Option<String>,
 }
 
 impl Default for RegisterConfig {
@@ -52,6 +56,8 @@ impl Default for RegisterConfig {
             peer_timeout_ms: 6_000,
             handshake_timeout_ms: 5_000,
             metrics: None,
+            link_tls_cert: None,
+            link_tls_key: None,
         }
     }
 }
@@ -71,6 +77,12 @@ impl RegisterConfig {
                 field: "secret",
                 message: "set a cluster secret of at least 8 characters (--secret or GW_SECRET)"
                     .into(),
+            });
+        }
+        if self.link_tls_cert.is_some() != self.link_tls_key.is_some() {
+            return Err(ConfigError {
+                field: "link_tls_cert",
+                message: "set both link_tls_cert and link_tls_key, or neither".into(),
             });
         }
         if self.handshake_timeout_ms < 100 {
@@ -193,6 +205,16 @@ pub async fn run_with_metrics(
     shutdown: CancellationToken,
 ) -> Result<(), RegisterError> {
     config.validate()?;
+    let tls = gw_link::LinkTls::from_files(
+        config.link_tls_cert.as_deref(),
+        config.link_tls_key.as_deref(),
+        None,
+        "gateworker",
+    )
+    .map_err(|e| ConfigError {
+        field: "link_tls_cert",
+        message: e,
+    })?;
     let node_id = format!("register-{:08x}", rand::random::<u32>());
     tracing::info!(listen = ?listener.local_addr().ok(), %node_id, "register listening");
     let state = Arc::new(State {
@@ -234,9 +256,11 @@ pub async fn run_with_metrics(
         let state = state.clone();
         let shutdown = shutdown.clone();
         let node_id = node_id.clone();
+        let acceptor = tls.acceptor.clone();
         tracker.spawn(async move {
-            let accepted = gw_link::accept(
+            let accepted = gw_link::accept_with(
                 stream,
+                acceptor.as_ref(),
                 state.config.secret.as_bytes(),
                 &node_id,
                 &[Role::Gateway, Role::Worker, Role::PushClient],

@@ -23,6 +23,12 @@ struct Cli {
     /// Drop a peer silent for this many ms.
     #[arg(long, env = "GW_PEER_TIMEOUT_MS")]
     peer_timeout_ms: Option<u64>,
+    /// TLS on internal links: the register's certificate (PEM).
+    #[arg(long, env = "GW_LINK_TLS_CERT")]
+    link_tls_cert: Option<String>,
+    /// TLS on internal links: its private key (PEM).
+    #[arg(long, env = "GW_LINK_TLS_KEY")]
+    link_tls_key: Option<String>,
     /// Admin listener HOST:PORT for /metrics and /healthz (off if unset).
     #[arg(long, env = "GW_METRICS")]
     metrics: Option<String>,
@@ -45,6 +51,12 @@ fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
     }
     if let Some(v) = &cli.secret {
         config.secret = v.clone();
+    }
+    if let Some(v) = &cli.link_tls_cert {
+        config.link_tls_cert = Some(v.clone());
+    }
+    if let Some(v) = &cli.link_tls_key {
+        config.link_tls_key = Some(v.clone());
     }
     if let Some(v) = &cli.metrics {
         config.metrics = Some(v.clone());

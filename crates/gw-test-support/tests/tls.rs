@@ -125,3 +125,63 @@ fn a_wss_listener_without_a_certificate_is_a_config_error() {
     let err = cfg.validate().unwrap_err();
     assert_eq!(err.field, "tls_cert");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_links_can_run_over_tls() -> anyhow::Result<()> {
+    gw_test_support::init_logging();
+    let dir = std::env::temp_dir().join(format!("gw-link-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ck = rcgen::generate_simple_self_signed(vec!["gateworker".to_string()])?;
+    let (cert, key) = (dir.join("link.pem"), dir.join("link.key"));
+    std::fs::write(&cert, ck.cert.pem())?;
+    std::fs::write(&key, ck.signing_key.serialize_pem())?;
+    let (cert_s, key_s) = (
+        cert.to_string_lossy().to_string(),
+        key.to_string_lossy().to_string(),
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let reg = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let rc = gw_register::RegisterConfig {
+        listen: reg.to_string(),
+        secret: gw_test_support::SECRET.into(),
+        link_tls_cert: Some(cert_s.clone()),
+        link_tls_key: Some(key_s.clone()),
+        ..Default::default()
+    };
+    let register = tokio::spawn(gw_register::run(rc, listener, stop.clone()));
+    let mut cfg = gateway_config(&[reg]);
+    cfg.link_tls_cert = Some(cert_s.clone());
+    cfg.link_tls_key = Some(key_s.clone());
+    cfg.link_tls_ca = Some(cert_s.clone());
+    let gw = gw_test_support::start_gateway(cfg).await?;
+    let w = gw_test_support::worker_builder(&[reg])
+        .link_tls(&cert_s, "gateworker")
+        .start(Chat)?;
+    let h = w.handle();
+    gw_test_support::wait_until(Duration::from_secs(10), "the worker's TLS link", || {
+        let n = h.connected_gateways().len();
+        async move { n == 1 }
+    })
+    .await?;
+    let (mut a, _) = gw_test_support::WsClient::connect_chat(&gw.ws_url).await?;
+    a.send_json(json!({"type":"echo","text":"over tls links"}))
+        .await?;
+    assert_eq!(
+        a.recv_json().await?,
+        json!({"type":"echo","text":"over tls links"})
+    );
+    // A worker that does not speak TLS gets nowhere.
+    let plain = gw_test_support::worker_builder(&[reg]).start(Chat)?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(plain.handle().connected_gateways().is_empty());
+    assert!(plain.handle().known_gateways().is_empty());
+    plain.stop().await;
+    w.stop().await;
+    gw.stop().await;
+    stop.cancel();
+    let _ = register.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -70,6 +70,8 @@ pub(crate) struct WorkerShared {
     /// `Worker` (takes events) or `PushClient` (commands and queries only).
     pub(crate) role: gw_protocol::pb::Role,
     pub(crate) secret: Vec<u8>,
+    /// TLS for every link, when the cluster uses it.
+    pub(crate) tls: gw_link::LinkTls,
     pub(crate) node_id: String,
     pub(crate) max_frame: usize,
     /// Outgoing frames queued per link before callers wait.

@@ -44,7 +44,7 @@ pub(crate) async fn run<H: EventHandler>(
     loop {
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
-            r = gw_link::connect(&addr, &shared.secret, shared.role, &shared.node_id, shared.max_frame, Duration::from_secs(3)) => r,
+            r = gw_link::connect_with(&addr, &shared.tls, &shared.secret, shared.role, &shared.node_id, shared.max_frame, Duration::from_secs(3)) => r,
         };
         let end = match connected {
             Ok((link, _)) => {

@@ -34,6 +34,8 @@ impl Worker {
             drain_timeout: Duration::from_secs(30),
             role: Role::Worker,
             metrics_addr: None,
+            tls: gw_link::LinkTls::default(),
+            tls_error: None,
         }
     }
 }
@@ -95,6 +97,9 @@ pub struct WorkerBuilder {
     drain_timeout: Duration,
     role: Role,
     metrics_addr: Option<String>,
+    tls: gw_link::LinkTls,
+    /// A TLS file that did not load, reported by `start`.
+    tls_error: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -179,6 +184,23 @@ impl WorkerBuilder {
         self
     }
 
+    /// Dial every link with TLS, trusting the PEM certificate(s) in `ca`
+    /// and expecting `name` in the peers' certificates (when the cluster
+    /// serves TLS on its internal ports).
+    pub fn link_tls(mut self, ca: &str, name: &str) -> Self {
+        match gw_link::LinkTls::from_files(None, None, Some(ca), name) {
+            Ok(t) => self.tls = t,
+            Err(e) => self.tls_error = Some(e),
+        }
+        self
+    }
+
+    /// Use an already built TLS setting for every link.
+    pub fn link_tls_config(mut self, tls: gw_link::LinkTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Serve `/metrics` (events, handler latency histogram, panics, links)
     /// and `/healthz` on this address (HOST:PORT).
     pub fn metrics(mut self, addr: impl Into<String>) -> Self {
@@ -193,6 +215,9 @@ impl WorkerBuilder {
     }
 
     fn validate(&self) -> Result<(), WorkerError> {
+        if let Some(e) = &self.tls_error {
+            return Err(WorkerError::Config(e.clone()));
+        }
         if self.registers.is_empty() {
             return Err(WorkerError::Config(
                 "register: give at least one register address".into(),
@@ -249,6 +274,7 @@ impl WorkerBuilder {
         let shared = Arc::new(WorkerShared {
             role: self.role,
             secret: self.secret.as_bytes().to_vec(),
+            tls: self.tls.clone(),
             node_id: node_id.clone(),
             max_frame: gw_protocol::frame::DEFAULT_MAX_FRAME,
             link_queue: 4096,
@@ -285,6 +311,7 @@ impl WorkerBuilder {
                 announce: None,
                 heartbeat: self.heartbeat,
                 connect_timeout: Duration::from_secs(3),
+                tls: self.tls.clone(),
                 report: (self.role == Role::Worker).then(|| {
                     let m = shared.metrics.clone();
                     let id = node_id.clone();

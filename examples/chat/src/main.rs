@@ -22,6 +22,12 @@ struct Cli {
     /// Also serve the chat web page on this address (HOST:PORT).
     #[arg(long, env = "GW_WEB")]
     web: Option<String>,
+    /// TLS on internal links: CA certificate(s) (PEM) to check the register and gateways.
+    #[arg(long, env = "GW_LINK_TLS_CA")]
+    link_tls_ca: Option<String>,
+    /// The name internal certificates carry.
+    #[arg(long, env = "GW_LINK_TLS_NAME", default_value = "gateworker")]
+    link_tls_name: String,
     /// Serve /metrics and /healthz on this address (HOST:PORT).
     #[arg(long, env = "GW_METRICS")]
     metrics: Option<String>,
@@ -58,6 +64,9 @@ async fn async_main(cli: Cli) -> ExitCode {
     }
     if let Some(n) = cli.name {
         builder = builder.name(n);
+    }
+    if let Some(ca) = &cli.link_tls_ca {
+        builder = builder.link_tls(ca, &cli.link_tls_name);
     }
     if let Some(m) = cli.metrics {
         builder = builder.metrics(m);
