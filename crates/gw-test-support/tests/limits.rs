@@ -185,3 +185,80 @@ async fn a_rate_limited_client_is_slowed_down_not_dropped() -> anyhow::Result<()
     c.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_garbage_input_on_every_public_listener_is_refused() -> anyhow::Result<()> {
+    let mut c = Cluster::start(0).await?;
+    let mut cfg = gateway_config(&[c.register_addr]);
+    cfg.listen = vec![
+        "ws://127.0.0.1:0?max_message_bytes=1024".into(),
+        "text://127.0.0.1:0?max_message_bytes=1024".into(),
+        "frame://127.0.0.1:0?max_message_bytes=1024".into(),
+    ];
+    c.add_gateway(cfg).await?;
+    c.add_worker(Chat).await?;
+    let g = &c.gateways[0];
+    let addr = |scheme: &str| {
+        g.url(scheme)
+            .unwrap()
+            .split("://")
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    async fn closed(mut s: TcpStream) -> bool {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+    // WebSocket: a message over the limit closes with 1009.
+    let (mut ws, _) = WsClient::connect_chat(&g.ws_url).await?;
+    ws.send_text(&"x".repeat(2048)).await?;
+    assert_eq!(ws.recv_close().await?, 1009);
+    // WebSocket listener, not WebSocket: HTTP error, not a crash.
+    let mut s = TcpStream::connect(addr("ws")).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut resp = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut resp)).await??;
+    assert!(
+        String::from_utf8_lossy(&resp[..n]).starts_with("HTTP/1.1 426"),
+        "{}",
+        String::from_utf8_lossy(&resp[..n])
+    );
+    let mut s = TcpStream::connect(addr("ws")).await?;
+    s.write_all(&[0xde, 0xad, 0xbe, 0xef, b'\r', b'\n', b'\r', b'\n'])
+        .await?;
+    assert!(
+        closed(s).await,
+        "garbage on the ws listener was not refused"
+    );
+    // text: a line over the limit closes the connection.
+    let mut s = TcpStream::connect(addr("text")).await?;
+    s.write_all(&vec![b'y'; 4096]).await?;
+    assert!(closed(s).await, "an oversized line was not refused");
+    // frame: a declared length over the limit closes the connection.
+    let mut s = TcpStream::connect(addr("frame")).await?;
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await?;
+    assert!(closed(s).await, "an oversized frame was not refused");
+    // The gateway still serves.
+    let (mut ok, _) = WsClient::connect_chat(&g.ws_url).await?;
+    ok.send_json(json!({"type":"echo","text":"fine"})).await?;
+    assert_eq!(ok.recv_json().await?, json!({"type":"echo","text":"fine"}));
+    assert!(
+        c.gateways[0]
+            .handle
+            .metrics
+            .closed_by_reason
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .sum::<u64>()
+            >= 3
+    );
+    c.stop().await;
+    Ok(())
+}
