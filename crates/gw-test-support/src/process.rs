@@ -92,3 +92,15 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// This process's resident memory (VmRSS) in KiB; 0 if unknown.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

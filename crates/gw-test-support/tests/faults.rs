@@ -283,17 +283,6 @@ async fn with_no_worker_clients_wait_and_nothing_is_dropped() -> anyhow::Result<
     Ok(())
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_both_workers_under_load_loses_and_duplicates_nothing(
 ) -> anyhow::Result<()> {
@@ -322,7 +311,7 @@ async fn rolling_restart_of_both_workers_under_load_loses_and_duplicates_nothing
             anyhow::Ok(())
         }));
     }
-    let rss_before = rss_kib();
+    let rss_before = gw_test_support::process::rss_kib();
     // Roll: a new worker comes, an old one drains and leaves; twice.
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -337,7 +326,7 @@ async fn rolling_restart_of_both_workers_under_load_loses_and_duplicates_nothing
         got.entry(m["from"].as_str().unwrap_or_default().to_string())
             .or_default()
             .push(m["text"].as_u64().unwrap());
-        peak = peak.max(rss_kib());
+        peak = peak.max(gw_test_support::process::rss_kib());
     }
     rx.expect_silence(Duration::from_millis(300)).await?;
     for s in senders {

@@ -9,17 +9,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_as_slow_consumer_and_the_room_goes_on(
 ) -> anyhow::Result<()> {
@@ -44,7 +33,7 @@ async fn a_client_that_never_reads_is_closed_as_slow_consumer_and_the_room_goes_
         h.join_group(id, "flood").await?;
     }
     let metrics = c.gateways[0].handle.metrics.clone();
-    let before = rss_kib();
+    let before = gw_test_support::process::rss_kib();
     // Flood the room: 20,000 messages of 1 KiB (20 MiB) while the slow
     // client reads nothing; the fast one reads as it goes (in steps of 100
     // so that it keeps within its own queue).
@@ -63,7 +52,7 @@ async fn a_client_that_never_reads_is_closed_as_slow_consumer_and_the_room_goes_
         }
     }
     assert_eq!(metrics.slow_consumers.load(Ordering::Relaxed), 1);
-    let grown = rss_kib().saturating_sub(before);
+    let grown = gw_test_support::process::rss_kib().saturating_sub(before);
     eprintln!("test process RSS grew {grown} KiB during a 20 MiB flood");
     assert!(grown < 64 * 1024, "memory grew by {grown} KiB: not bounded");
     // The slow client, when it finally reads, finds its connection closed
