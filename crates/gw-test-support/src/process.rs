@@ -72,6 +72,30 @@ impl Drop for Proc {
     }
 }
 
+/// Spawns `gw-gateway` with a `ws://127.0.0.1:<ws_port>` listener, an
+/// internal listener on `internal` (e.g. `127.0.0.1:0`) and `extra` flags.
+pub fn spawn_gateway(
+    register: &str,
+    secret: &str,
+    ws_port: u16,
+    internal: &str,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
+    let listen = format!("ws://127.0.0.1:{ws_port}");
+    let mut args = vec![
+        "--register",
+        register,
+        "--secret",
+        secret,
+        "--listen",
+        &listen,
+        "--internal",
+        internal,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("gw-gateway", &args)
+}
+
 /// A free loopback port for a child process to bind. Picked below the
 /// kernel's ephemeral range (32768+ by default), so that outgoing
 /// connections made meanwhile cannot take it, and never handed out twice

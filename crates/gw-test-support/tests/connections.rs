@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gw_chat::{Chat, TokenChat};
-use gw_test_support::process::{free_port, Proc};
+use gw_test_support::process::{free_port, spawn_gateway};
 use gw_test_support::{gateway_config, wait_until, Cluster, WsClient};
 use gw_worker::{
     ClientId, CloseInfo, Context, EventHandler, GatewayId, Handle, HandshakeDecision,
@@ -341,19 +341,7 @@ async fn partial_answers_name_the_silent_gateway_and_lost_gateways_are_reported(
     let mut c = Cluster::start(1).await?;
     let register = c.register_addr.to_string();
     let ws = free_port();
-    let proc_gw = Proc::spawn(
-        "gw-gateway",
-        &[
-            "--register",
-            &register,
-            "--secret",
-            SECRET,
-            "--listen",
-            &format!("ws://127.0.0.1:{ws}"),
-            "--internal",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let proc_gw = spawn_gateway(&register, SECRET, ws, "127.0.0.1:0", &[])?;
     let rec = Recorder::default();
     c.add_worker(rec.clone()).await?;
     let h = c.workers[0].handle();

@@ -121,36 +121,28 @@ async fn register_restart_does_not_interrupt_traffic_and_new_gateways_are_found(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_the_wrong_secret_is_refused() -> anyhow::Result<()> {
     let c = Cluster::start(1).await?;
+    // At a gateway's internal port and at the register.
     let internal = c.gateways[0].internal_addr.to_string();
-    let err = gw_link::connect(
-        &internal,
-        b"wrong-secret!",
-        gw_protocol::pb::Role::Worker,
-        "intruder",
-        1 << 20,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(err, gw_link::HandshakeError::Refused { code: 1001, .. }),
-        "{err}"
-    );
-    // Same at the register.
-    let err = gw_link::connect(
-        &c.register_addr.to_string(),
-        b"wrong-secret!",
-        gw_protocol::pb::Role::Gateway,
-        "intruder",
-        1 << 20,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(err, gw_link::HandshakeError::Refused { code: 1001, .. }),
-        "{err}"
-    );
+    let register = c.register_addr.to_string();
+    for (addr, role) in [
+        (&internal, gw_protocol::pb::Role::Worker),
+        (&register, gw_protocol::pb::Role::Gateway),
+    ] {
+        let err = gw_link::connect(
+            addr,
+            b"wrong-secret!",
+            role,
+            "intruder",
+            1 << 20,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, gw_link::HandshakeError::Refused { code: 1001, .. }),
+            "{addr}: {err}"
+        );
+    }
     assert_eq!(
         c.gateways[0]
             .handle

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gw_test_support::process::{free_port, Proc};
+use gw_test_support::process::{free_port, spawn_gateway, Proc};
 use gw_test_support::WsClient;
 use serde_json::json;
 
@@ -25,19 +25,7 @@ async fn connect_when_ready(url: &str) -> anyhow::Result<(WsClient, String)> {
 }
 
 fn gateway(register: &str, ws: u16, internal: u16) -> anyhow::Result<Proc> {
-    Proc::spawn(
-        "gw-gateway",
-        &[
-            "--register",
-            register,
-            "--secret",
-            SECRET,
-            "--listen",
-            &format!("ws://127.0.0.1:{ws}"),
-            "--internal",
-            &format!("127.0.0.1:{internal}"),
-        ],
-    )
+    spawn_gateway(register, SECRET, ws, &format!("127.0.0.1:{internal}"), &[])
 }
 
 fn chat(register: &str) -> anyhow::Result<Proc> {
@@ -175,17 +163,12 @@ async fn sixteen_gateways_and_sixteen_workers_link_fully_and_follow_changes() ->
     let mut wss = Vec::new();
     for _ in 0..N {
         let (ws, api) = (free_port(), free_port());
-        gateways.push(Proc::spawn(
-            "gw-gateway",
+        gateways.push(spawn_gateway(
+            &register_addr,
+            SECRET,
+            ws,
+            "127.0.0.1:0",
             &[
-                "--register",
-                &register_addr,
-                "--secret",
-                SECRET,
-                "--listen",
-                &format!("ws://127.0.0.1:{ws}"),
-                "--internal",
-                "127.0.0.1:0",
                 "--api",
                 &format!("127.0.0.1:{api}"),
                 "--api-key",
@@ -256,18 +239,12 @@ async fn sixteen_gateways_and_sixteen_workers_link_fully_and_follow_changes() ->
     // ...and so is one joining.
     let t = std::time::Instant::now();
     let ws = free_port();
-    gateways.push(Proc::spawn(
-        "gw-gateway",
-        &[
-            "--register",
-            &register_addr,
-            "--secret",
-            SECRET,
-            "--listen",
-            &format!("ws://127.0.0.1:{ws}"),
-            "--internal",
-            "127.0.0.1:0",
-        ],
+    gateways.push(spawn_gateway(
+        &register_addr,
+        SECRET,
+        ws,
+        "127.0.0.1:0",
+        &[],
     )?);
     gw_test_support::wait_until(
         Duration::from_secs(3),

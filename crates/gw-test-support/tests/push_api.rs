@@ -497,18 +497,12 @@ async fn a_query_a_gateway_does_not_answer_is_marked_partial() -> anyhow::Result
     let api = setup().await?;
     let reg = api.c.register_addr.to_string();
     let ws = gw_test_support::process::free_port();
-    let proc_gw = gw_test_support::process::Proc::spawn(
-        "gw-gateway",
-        &[
-            "--register",
-            &reg,
-            "--secret",
-            gw_test_support::SECRET,
-            "--listen",
-            &format!("ws://127.0.0.1:{ws}"),
-            "--internal",
-            "127.0.0.1:0",
-        ],
+    let proc_gw = gw_test_support::process::spawn_gateway(
+        &reg,
+        gw_test_support::SECRET,
+        ws,
+        "127.0.0.1:0",
+        &[],
     )?;
     let (_c, id) = loop {
         if let Ok(Ok(c)) = tokio::time::timeout(

@@ -405,10 +405,12 @@ async fn read_loop(
     sticky: &mut Option<Arc<WorkerSlot>>,
 ) -> String {
     let metrics = &state.hub.metrics;
+    // Formatted once per connection, not once per message.
+    let client_id_text = client_id.to_string();
     let event = |kind| RoutedEvent {
         seq: client_id.seq(),
         event: pb::Event {
-            client_id: client_id.to_string(),
+            client_id: client_id_text.clone(),
             session: state.hub.session(client_id),
             remote_addr: remote_addr.to_string(),
             kind: Some(kind),
