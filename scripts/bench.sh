@@ -4,6 +4,7 @@
 # generator. Every run is bounded; the cluster is stopped by PID at the end.
 #
 #   scripts/bench.sh            # figures as tables; JSON in target/bench/
+#   scripts/bench.sh echo       # only the scenarios whose name matches
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins --quiet
@@ -20,8 +21,10 @@ $B/gw-register --listen $REG --secret $S 2>"$OUT/register.log" & pids+=($!)
 $B/gw-gateway --register $REG --secret $S --listen $WS --internal 127.0.0.1:19290 --ping-interval-ms 0 2>"$OUT/gateway.log" & pids+=($!); GW=$!
 $B/gw-chat --register $REG --secret $S 2>"$OUT/chat.log" & pids+=($!); W=$!
 sleep 1.5
+ONLY=${1:-}
 run() {
   local name=$1; shift
+  if [[ -n "$ONLY" && "$name" != *"$ONLY"* ]]; then return 0; fi
   echo "== $name: gw-bench $*"
   $B/gw-bench "$@" --url $WS --pid $GW --pid $W --duration-limit 120 --json "$OUT/$name.json" 2>&1 \
     | grep -E "deliveries/s|connects|latency|connect ms|KiB|lost|duplicated|reordered|server cpu|result" || true

@@ -160,7 +160,15 @@ async fn readyz(AxState(s): AxState<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(AxState(s): AxState<Arc<ApiState>>) -> Response {
-    let body = s.gateway.hub.metrics.render(s.gateway.hub.client_count());
+    let hub = &s.gateway.hub;
+    let (queue_messages, queue_bytes, queue_max_messages) = hub.queue_depths();
+    let body = hub.metrics.render(&crate::metrics::Gauges {
+        clients: hub.client_count(),
+        queue_messages,
+        queue_bytes,
+        queue_max_messages,
+        link_queue_events: s.gateway.router.queued_events(),
+    });
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -172,8 +172,6 @@ pub struct GatewayConfig {
     pub client_queue_bytes: usize,
     /// Largest client message (WebSocket message, text line or frame), bytes.
     pub max_message_bytes: usize,
-    /// WebSocket read buffer per connection, bytes.
-    pub ws_read_buffer: usize,
     /// Time a client has to finish the protocol handshake, ms.
     pub handshake_timeout_ms: u64,
     /// Heartbeat interval, ms; 0 turns heartbeats off.
@@ -239,7 +237,6 @@ impl Default for GatewayConfig {
             client_queue_messages: 1024,
             client_queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
-            ws_read_buffer: 1024,
             handshake_timeout_ms: 10_000,
             ping_interval_ms: 25_000,
             ping_missed_limit: 2,
@@ -319,7 +316,6 @@ impl GatewayConfig {
             ("max_message_bytes", self.max_message_bytes),
             ("worker_queue", self.worker_queue),
             ("worker_inflight", self.worker_inflight),
-            ("ws_read_buffer", self.ws_read_buffer),
         ] {
             if v == 0 {
                 return Err(bad(field, "must be greater than 0"));

@@ -11,21 +11,23 @@
 //! sequence number, so a fan-out takes one lock and pushes the same shared
 //! [`Outbound`] bytes to every member.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use gw_protocol::domain::Payload;
 use gw_protocol::pb;
 use gw_protocol::{codes, ClientId, Command, GatewayId, Query, Scope};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
-use tokio::sync::{broadcast, mpsc};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::broadcast;
 
+use crate::client::wire::{encode_message, Wire};
 use crate::metrics::Metrics;
 
 /// Interest changes buffered per link before it falls back to a snapshot.
@@ -34,56 +36,92 @@ const INTEREST_BACKLOG: usize = 4096;
 /// Number of shards per table.
 pub(crate) const SHARDS: usize = 32;
 
-/// One message queued for a client's writer. Cloning shares the bytes.
-#[derive(Debug, Clone)]
-pub(crate) enum Outbound {
-    Text(Utf8Bytes),
-    Binary(Bytes),
+/// One message of a fan-out, encoded for each client wire on first use:
+/// every recipient on the same wire gets the same shared bytes.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    data: Bytes,
+    binary: bool,
+    encoded: [OnceCell<Bytes>; Wire::COUNT],
 }
 
 impl Outbound {
-    /// Builds the outbound form of a payload once per fan-out (the UTF-8
-    /// check happens here, not once per recipient).
+    /// `None` for a text payload that is not UTF-8 (checked once per
+    /// fan-out, not once per recipient).
     pub(crate) fn from_payload(p: &Payload) -> Option<Self> {
-        if p.binary {
-            Some(Outbound::Binary(p.data.clone()))
-        } else {
-            Utf8Bytes::try_from(p.data.clone()).ok().map(Outbound::Text)
+        if !p.binary && std::str::from_utf8(&p.data).is_err() {
+            return None;
         }
+        Some(Outbound {
+            data: p.data.clone(),
+            binary: p.binary,
+            encoded: Default::default(),
+        })
     }
 
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Outbound::Text(t) => t.len(),
-            Outbound::Binary(b) => b.len(),
-        }
+    /// The message's bytes on `wire`.
+    pub(crate) fn frame(&self, wire: Wire) -> Bytes {
+        self.encoded[wire.index()]
+            .get_or_init(|| encode_message(wire, &self.data, self.binary))
+            .clone()
     }
 }
 
-/// Shared between a client's tasks and everyone who sends to it.
+/// Per-client queue limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) messages: usize,
+    pub(crate) bytes: usize,
+}
+
+/// Frames waiting for a client's connection task.
 #[derive(Debug, Default)]
-pub(crate) struct ClientControl {
+struct OutQueue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// A client as everyone who sends to it sees it: its bounded outgoing
+/// queue and its close signal. Shared (one `Arc`) between the connection
+/// task and every table the client is in. Small on purpose: an idle
+/// client's queue holds no allocation.
+#[derive(Debug)]
+pub(crate) struct ClientShared {
+    pub(crate) wire: Wire,
+    limits: QueueLimits,
     /// Non-zero once the client must be closed, with this close code.
     close_code: AtomicU16,
-    /// Cancelled when `close_code` is set: wakes the client's reader and writer.
-    pub(crate) closed: CancellationToken,
     /// Last time anything arrived from the client, in ms since gateway start
     /// (for the heartbeat check).
     pub(crate) last_heard_ms: AtomicU64,
-    /// Bytes queued but not yet taken by the writer (bounds memory along
-    /// with the channel's message count).
-    pub(crate) queued_bytes: AtomicUsize,
+    queue: Mutex<OutQueue>,
+    /// Wakes the connection task: a frame was queued or a close asked for.
+    waker: AtomicWaker,
 }
 
-impl ClientControl {
-    /// Asks the writer to close with `code`; the first code set wins.
+/// A handle to one client's queue.
+pub(crate) type ClientSender = Arc<ClientShared>;
+
+impl ClientShared {
+    pub(crate) fn new(wire: Wire, limits: QueueLimits) -> ClientSender {
+        Arc::new(ClientShared {
+            wire,
+            limits,
+            close_code: AtomicU16::new(0),
+            last_heard_ms: AtomicU64::new(0),
+            queue: Mutex::new(OutQueue::default()),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    /// Asks the connection to close with `code`; the first code set wins.
     pub(crate) fn close(&self, code: u16) {
         if self
             .close_code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.closed.cancel();
+            self.waker.wake();
         }
     }
 
@@ -93,59 +131,66 @@ impl ClientControl {
             c => Some(c),
         }
     }
-}
 
-/// A bounded handle to one client's writer.
-#[derive(Debug, Clone)]
-pub(crate) struct ClientSender {
-    tx: mpsc::Sender<Outbound>,
-    pub(crate) control: Arc<ClientControl>,
-}
-
-/// Per-client queue limits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueLimits {
-    pub(crate) messages: usize,
-}
-
-impl ClientSender {
-    pub(crate) fn new(limits: QueueLimits) -> (Self, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(limits.messages.max(1));
-        (
-            ClientSender {
-                tx,
-                control: Arc::default(),
-            },
-            rx,
-        )
+    /// Registers the connection task to be woken by [`Self::push`] and
+    /// [`Self::close`].
+    pub(crate) fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
     }
 
-    /// Queues `msg` without waiting. A full queue means the client reads too
-    /// slowly: it is closed as a slow consumer (never a silent drop and
-    /// never a wait that would stall the fan-out for everyone else).
-    /// Returns whether the message was queued.
-    fn push(&self, msg: Outbound, max_bytes: usize, metrics: &Metrics) -> bool {
-        if self.control.close_code().is_some() {
+    /// Queues one encoded frame without waiting. A full queue means the
+    /// client reads too slowly: it is closed as a slow consumer (never a
+    /// silent drop and never a wait that would stall the fan-out for
+    /// everyone else). Returns whether the frame was queued.
+    pub(crate) fn push(&self, frame: Bytes, metrics: &Metrics) -> bool {
+        if self.close_code().is_some() {
             return false;
         }
-        let len = msg.len();
-        let queued = self.control.queued_bytes.fetch_add(len, Ordering::AcqRel) + len;
-        let ok = queued <= max_bytes && self.tx.try_send(msg).is_ok();
-        if ok {
-            metrics.messages_out.fetch_add(1, Ordering::Relaxed);
-            metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-        } else {
-            self.control.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            if !self.tx.is_closed() {
-                metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    queued_bytes = queued,
-                    "client outgoing queue full: closing as slow consumer"
-                );
-                self.control.close(codes::CLOSE_SLOW_CONSUMER);
-            }
+        let len = frame.len();
+        let mut q = self.queue.lock();
+        if q.frames.len() >= self.limits.messages || q.bytes + len > self.limits.bytes {
+            let (messages, bytes) = (q.frames.len(), q.bytes);
+            drop(q);
+            metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                queued_messages = messages,
+                queued_bytes = bytes,
+                "client outgoing queue full: closing as slow consumer"
+            );
+            self.close(codes::CLOSE_SLOW_CONSUMER);
+            return false;
         }
-        ok
+        q.frames.push_back(frame);
+        q.bytes += len;
+        // The task takes the whole queue each time it wakes, so only the
+        // first frame after that needs to wake it.
+        let wake = q.frames.len() == 1;
+        drop(q);
+        if wake {
+            self.waker.wake();
+        }
+        true
+    }
+
+    /// Moves every queued frame to the back of `out`; returns the number of
+    /// frames and bytes moved.
+    pub(crate) fn take(&self, out: &mut VecDeque<Bytes>) -> (usize, usize) {
+        let mut q = self.queue.lock();
+        let moved = (q.frames.len(), q.bytes);
+        q.bytes = 0;
+        if out.is_empty() {
+            // Swap the allocations instead of copying.
+            std::mem::swap(&mut q.frames, out);
+        } else {
+            out.extend(q.frames.drain(..));
+        }
+        moved
+    }
+
+    /// Frames and bytes queued now.
+    pub(crate) fn depth(&self) -> (usize, usize) {
+        let q = self.queue.lock();
+        (q.frames.len(), q.bytes)
     }
 }
 
@@ -198,8 +243,6 @@ pub(crate) struct Hub {
     clients: Sharded<u64, ClientEntry>,
     uids: Sharded<Arc<str>, Members>,
     groups: Sharded<Arc<str>, Members>,
-    /// Limit on bytes queued per client.
-    max_queue_bytes: usize,
     pub(crate) metrics: Arc<Metrics>,
     /// A group or uid gained its first or lost its last member here.
     interest: broadcast::Sender<InterestChange>,
@@ -247,18 +290,13 @@ pub(crate) enum CommandError {
 }
 
 impl Hub {
-    pub(crate) fn new(
-        gateway_id: GatewayId,
-        max_queue_bytes: usize,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(gateway_id: GatewayId, metrics: Arc<Metrics>) -> Self {
         Hub {
             gateway_id,
             next_seq: AtomicU64::new(1),
             clients: Sharded::new(),
             uids: Sharded::new(),
             groups: Sharded::new(),
-            max_queue_bytes,
             metrics,
             interest: broadcast::channel(INTEREST_BACKLOG).0,
             interest_epoch: RwLock::new(()),
@@ -396,7 +434,7 @@ impl Hub {
     pub(crate) fn close_all(&self, code: u16) {
         for shard in self.clients.shards.iter() {
             for entry in shard.lock().values() {
-                entry.sender.control.close(code);
+                entry.sender.close(code);
             }
         }
     }
@@ -410,7 +448,24 @@ impl Hub {
     }
 
     fn push(&self, sender: &ClientSender, msg: &Outbound) -> bool {
-        sender.push(msg.clone(), self.max_queue_bytes, &self.metrics)
+        sender.push(msg.frame(sender.wire), &self.metrics)
+    }
+
+    /// Outgoing queue depth over all clients: (frames, bytes, deepest
+    /// queue in frames). Walks every client: for scrapes, not hot paths.
+    pub(crate) fn queue_depths(&self) -> (usize, usize, usize) {
+        let mut total = (0, 0, 0);
+        for shard in self.clients.shards.iter() {
+            let senders: Vec<ClientSender> =
+                shard.lock().values().map(|e| e.sender.clone()).collect();
+            for s in senders {
+                let (frames, bytes) = s.depth();
+                total.0 += frames;
+                total.1 += bytes;
+                total.2 = total.2.max(frames);
+            }
+        }
+        total
     }
 
     /// Runs one command. Returns how many client queues a send reached.
@@ -579,7 +634,7 @@ impl Hub {
                 }
                 // The writer sends what is queued before the close frame
                 // unless `immediate`; see client::writer.
-                sender.control.close(if immediate {
+                sender.close(if immediate {
                     CLOSE_IMMEDIATE
                 } else {
                     codes::CLOSE_BY_APPLICATION

@@ -284,7 +284,7 @@ pub async fn run_with(
     let public_urls = listeners.public_urls();
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(State {
-        hub: Hub::new(gateway_id, config.client_queue_bytes, metrics.clone()),
+        hub: Hub::new(gateway_id, metrics.clone()),
         router: Router::new(),
         accept_stop: shutdown.clone(),
         links_shutdown: CancellationToken::new(),

@@ -76,12 +76,24 @@ impl Metrics {
     }
 }
 
+/// Gauges read from the gateway's tables when metrics are scraped.
+#[derive(Debug, Default)]
+pub(crate) struct Gauges {
+    pub(crate) clients: usize,
+    pub(crate) queue_messages: usize,
+    pub(crate) queue_bytes: usize,
+    pub(crate) queue_max_messages: usize,
+    pub(crate) link_queue_events: usize,
+}
+
 impl Metrics {
-    /// Prometheus text exposition of every counter, plus `current_clients`.
-    pub fn render(&self, current_clients: usize) -> String {
+    /// Prometheus text exposition of every counter, plus the gauges read
+    /// from the tables at scrape time.
+    pub(crate) fn render(&self, now: &Gauges) -> String {
         let mut out = String::new();
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 14] = [
+        let current_clients = now.clients;
+        let rows: [(&str, &str, &str, u64); 18] = [
             (
                 "gateworker_gateway_connections",
                 "gauge",
@@ -121,7 +133,7 @@ impl Metrics {
             (
                 "gateworker_gateway_client_messages_out_total",
                 "counter",
-                "Messages queued to clients.",
+                "Messages taken from client queues and written.",
                 c(&self.messages_out),
             ),
             (
@@ -166,6 +178,30 @@ impl Metrics {
                 "Worker links up.",
                 c(&self.worker_links),
             ),
+            (
+                "gateworker_gateway_client_queue_messages",
+                "gauge",
+                "Messages waiting in client queues, all clients.",
+                now.queue_messages as u64,
+            ),
+            (
+                "gateworker_gateway_client_queue_bytes",
+                "gauge",
+                "Bytes waiting in client queues, all clients.",
+                now.queue_bytes as u64,
+            ),
+            (
+                "gateworker_gateway_client_queue_max_messages",
+                "gauge",
+                "Messages waiting in the deepest client queue.",
+                now.queue_max_messages as u64,
+            ),
+            (
+                "gateworker_gateway_link_queue_events",
+                "gauge",
+                "Client events waiting for room on worker links.",
+                now.link_queue_events as u64,
+            ),
         ];
         for (name, kind, help, value) in rows {
             let _ = writeln!(
@@ -181,7 +217,7 @@ impl Metrics {
             ),
             (
                 "gateworker_gateway_client_bytes_out_total",
-                "Payload bytes queued to clients.",
+                "Bytes taken from client queues and written (framing included).",
                 &self.bytes_out,
             ),
         ] {

@@ -135,6 +135,15 @@ impl Router {
         self.routable.send_replace(n);
     }
 
+    /// Events waiting in link queues, over all links.
+    pub(crate) fn queued_events(&self) -> usize {
+        self.slots
+            .read()
+            .iter()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .sum()
+    }
+
     /// Rendezvous choice for client `seq` among routable workers.
     fn pick(&self, seq: u64) -> Option<Arc<WorkerSlot>> {
         let slots = self.slots.read();
@@ -160,6 +169,29 @@ impl Router {
         shutdown: &CancellationToken,
     ) -> Result<(), RoutedEvent> {
         self.dispatch_inner(sticky, event, shutdown, false).await
+    }
+
+    /// The common case without waiting: the client's worker is known,
+    /// routable and has room. Otherwise the event comes back for
+    /// [`Self::dispatch`] (not boxed: it is moved, not copied, and this is
+    /// the per-message path).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_dispatch(
+        &self,
+        sticky: &Option<Arc<WorkerSlot>>,
+        event: RoutedEvent,
+    ) -> Result<(), RoutedEvent> {
+        match sticky {
+            Some(slot) if slot.routable() => match slot.tx.try_reserve() {
+                Ok(permit) => {
+                    event.flow.outstanding.fetch_add(1, Ordering::AcqRel);
+                    permit.send(event);
+                    Ok(())
+                }
+                Err(_) => Err(event),
+            },
+            _ => Err(event),
+        }
     }
 
     /// Re-routes an event whose worker is gone (it is still counted as

@@ -1,43 +1,39 @@
-//! Client connections: accepting them on the public listeners, and the two
-//! tasks each connection runs.
+//! Client connections: accepting them on the public listeners, and the one
+//! task each connection runs.
 //!
-//! * The **reader** (the connection's own task) reads the socket and hands
-//!   each message to the client's worker through [`crate::routing`]. While a
-//!   worker is slow or absent, `dispatch` waits and the reader stops reading:
-//!   the client is back-pressured through TCP, nothing is dropped.
-//! * The **writer** drains the client's bounded queue, writing everything
-//!   that is ready before one flush, sends heartbeats and closes the socket
-//!   with the right code when asked ([`crate::hub::ClientControl`]).
+//! The task reads the socket and hands each message to the client's worker
+//! through [`crate::routing`]; while a worker is slow or absent it stops
+//! reading (the client is back-pressured through TCP, nothing is dropped)
+//! but keeps writing. It writes everything queued for the client
+//! ([`crate::hub::ClientShared`]) with one vectored write, sends heartbeats
+//! and closes the socket with the right code when asked. See [`conn`].
 //!
-//! When the reader ends, the client leaves every table and exactly one
+//! When the connection ends, the client leaves every table and exactly one
 //! `Close` event goes to its worker.
 
+pub(crate) mod conn;
 pub(crate) mod handshake;
 pub(crate) mod tls;
-pub(crate) mod transport;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
 use gw_protocol::{codes, pb, ClientId};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenSpec, Protocol};
-use crate::hub::{ClientControl, ClientSender, Outbound, QueueLimits, CLOSE_IMMEDIATE};
+use crate::hub::{ClientShared, QueueLimits, CLOSE_IMMEDIATE};
 use crate::routing::{ClientFlow, RoutedEvent, WorkerSlot};
 use crate::State;
+use conn::{Conn, IoEvent};
 use handshake::{read_request, real_remote_addr, respond_refusal, respond_upgrade, Refusal};
 use tls::ClientStream;
-use transport::{ClientRead, ClientWrite, Inbound};
+use wire::{Decoder, Inbound, Wire};
 
 /// Accepts clients on one public listener until the gateway stops accepting.
 pub(crate) async fn accept_loop(
@@ -121,104 +117,89 @@ async fn handle_connection(
         return;
     }
 
-    let (sender, queue) = ClientSender::new(QueueLimits {
-        messages: cfg.client_queue_messages,
-    });
-    let control = sender.control.clone();
-    control
+    let wire = match spec.protocol {
+        Protocol::Ws | Protocol::Wss => Wire::Ws,
+        Protocol::Text => Wire::Text,
+        Protocol::Frame => Wire::Frame,
+    };
+    let shared = ClientShared::new(
+        wire,
+        QueueLimits {
+            messages: cfg.client_queue_messages.max(1),
+            bytes: cfg.client_queue_bytes,
+        },
+    );
+    shared
         .last_heard_ms
         .store(state.now_ms(), Ordering::Relaxed);
     let flow = Arc::new(ClientFlow::default());
     let mut sticky = None;
 
-    let (read, write, client_id, remote_addr) = match spec.protocol {
-        Protocol::Ws | Protocol::Wss => {
-            // Registered now so that the worker can bind, join and set the
-            // session while deciding; invisible to queries until accepted.
-            let client_id = state.hub.add_pending_client(sender);
-            // Boxed: the handshake's state is needed only briefly, and kept
-            // inline it would make every connection's future larger for
-            // its whole life.
-            let handshake = tokio::time::timeout(
-                cfg.handshake_timeout(),
-                Box::pin(ws_handshake(
-                    &mut stream,
-                    addr,
-                    &state,
-                    client_id,
-                    &flow,
-                    &mut sticky,
-                )),
-            )
-            .await;
-            let refusal = match handshake {
-                Ok(Ok(accepted)) => Ok(accepted),
-                Ok(Err(r)) => Err(r),
-                Err(_) => Err(Refusal {
-                    status: 503,
-                    reason: "handshake timed out (no worker answered)".into(),
-                }),
-            };
-            let (remote_addr, leftover) = match refusal {
-                Ok(accepted) => accepted,
-                Err(refusal) => {
-                    state.handshakes.lock().remove(&client_id.seq());
-                    state.hub.remove_client(client_id);
-                    tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "websocket handshake refused");
-                    respond_refusal(&mut stream, &refusal).await;
-                    return;
-                }
-            };
-            state.hub.mark_ready(client_id);
-            let ws_config = WebSocketConfig::default()
-                .read_buffer_size(cfg.ws_read_buffer)
-                .write_buffer_size(0)
-                .max_write_buffer_size(cfg.client_queue_bytes.max(64 * 1024) * 2)
-                .max_message_size(Some(spec.max_message_bytes(cfg)))
-                .max_frame_size(Some(spec.max_message_bytes(cfg)));
-            let ws = WebSocketStream::from_partially_read(
-                stream,
-                leftover,
-                Role::Server,
-                Some(ws_config),
-            )
-            .await;
-            let (w, r) = ws.split();
-            (
-                ClientRead::Ws(r),
-                ClientWrite::Ws(w),
+    let (client_id, remote_addr, leftover) = if wire == Wire::Ws {
+        // Registered now so that the worker can bind, join and set the
+        // session while deciding; invisible to queries until accepted.
+        let client_id = state.hub.add_pending_client(shared.clone());
+        // Boxed: the handshake's state is needed only briefly, and kept
+        // inline it would make every connection's future larger for its
+        // whole life.
+        let handshake = tokio::time::timeout(
+            cfg.handshake_timeout(),
+            Box::pin(ws_handshake(
+                &mut stream,
+                addr,
+                &state,
                 client_id,
-                remote_addr,
-            )
-        }
-        Protocol::Text | Protocol::Frame => {
-            let ClientStream::Plain(stream) = stream else {
+                &flow,
+                &mut sticky,
+            )),
+        )
+        .await;
+        let accepted = match handshake {
+            Ok(r) => r,
+            Err(_) => Err(Refusal {
+                status: 503,
+                reason: "handshake timed out (no worker answered)".into(),
+            }),
+        };
+        match accepted {
+            Ok((remote_addr, leftover)) => {
+                state.hub.mark_ready(client_id);
+                (client_id, remote_addr, leftover)
+            }
+            Err(refusal) => {
+                state.handshakes.lock().remove(&client_id.seq());
+                state.hub.remove_client(client_id);
+                tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "websocket handshake refused");
+                respond_refusal(&mut stream, &refusal).await;
                 return;
-            };
-            let client_id = state.hub.add_client(sender);
-            let (r, w) = if spec.protocol == Protocol::Text {
-                transport::text(stream, spec.max_message_bytes(cfg))
-            } else {
-                transport::frame(stream, spec.max_message_bytes(cfg))
-            };
-            (r, w, client_id, addr.to_string())
+            }
         }
+    } else {
+        if !matches!(stream, ClientStream::Plain(_)) {
+            return;
+        }
+        (
+            state.hub.add_client(shared.clone()),
+            addr.to_string(),
+            Vec::new(),
+        )
     };
     let protocol = spec.protocol.name();
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%client_id, %remote_addr, protocol, "client connected");
 
-    let writer = tokio::spawn(write_loop(
-        write,
-        queue,
-        control.clone(),
-        state.clone(),
-        client_id,
-        spec.clone(),
-    ));
-    let reason = read_loop(
-        read,
-        &control,
+    let mut conn = Conn::new(
+        stream,
+        shared.clone(),
+        metrics.clone(),
+        leftover,
+        spec.ping_interval(cfg),
+    );
+    let mut decoder = Decoder::new(wire, spec.max_message_bytes(cfg));
+    let reason = serve(
+        &mut conn,
+        &mut decoder,
+        &spec,
         &state,
         client_id,
         &remote_addr,
@@ -229,20 +210,31 @@ async fn handle_connection(
     .await;
 
     // Leave every table first so that no later send finds the client, then
-    // report the close once, with what the client had.
-    control.close(1000);
+    // close the socket, then report the close once, with what the client had.
+    shared.close(1000);
     let removed = state.hub.remove_client(client_id);
     metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
-    metrics.count_close(&reason);
-    tracing::debug!(%client_id, %reason, "client closed");
-    let _ = writer.await;
+    metrics.count_close(&reason.text);
+    tracing::debug!(%client_id, reason = %reason.text, "client closed");
+    let code = shared.close_code().unwrap_or(1000);
+    if !reason.socket_failed {
+        let skip_queue = code == CLOSE_IMMEDIATE || code == codes::CLOSE_SLOW_CONSUMER;
+        let code = match (code, reason.client_code) {
+            (CLOSE_IMMEDIATE, _) => codes::CLOSE_BY_APPLICATION,
+            // The client closed first: echo its code.
+            (_, Some(c)) => c,
+            (c, None) => c,
+        };
+        let frame = (wire == Wire::Ws).then(|| wire::encode_close(code, &close_reason(Some(code))));
+        Box::pin(conn.finish(skip_queue, frame, Duration::from_secs(2))).await;
+    }
     if let Some(removed) = removed {
         let event = pb::Event {
             client_id: client_id.to_string(),
             session: removed.session,
             remote_addr,
             kind: Some(pb::event::Kind::Close(pb::Close {
-                reason,
+                reason: reason.text,
                 uid: removed.uid.as_deref().unwrap_or_default().to_string(),
                 groups: removed.groups,
             })),
@@ -263,6 +255,9 @@ async fn handle_connection(
         {
             tracing::warn!(%client_id, "close event not delivered: gateway stopped before a worker took it");
         }
+    }
+    if !reason.socket_failed {
+        Box::pin(conn.linger(Duration::from_secs(2))).await;
     }
 }
 
@@ -393,18 +388,55 @@ fn apply_accept(
     Ok(())
 }
 
+/// Why a connection ended.
+struct Ended {
+    /// For logs, metrics and the worker's `Close` event.
+    text: String,
+    /// The code of the client's own close frame, echoed back.
+    client_code: Option<u16>,
+    /// Nothing more can be written.
+    socket_failed: bool,
+}
+
+impl Ended {
+    fn new(text: impl Into<String>) -> Self {
+        Ended {
+            text: text.into(),
+            client_code: None,
+            socket_failed: false,
+        }
+    }
+}
+
+/// The connection's life after the handshake: reads, dispatches, writes,
+/// heartbeats, until something ends it.
 #[allow(clippy::too_many_arguments)]
-async fn read_loop(
-    mut read: ClientRead,
-    control: &ClientControl,
+async fn serve(
+    conn: &mut Conn,
+    decoder: &mut Decoder,
+    spec: &ListenSpec,
     state: &State,
     client_id: ClientId,
     remote_addr: &str,
     protocol: &'static str,
     flow: &Arc<ClientFlow>,
     sticky: &mut Option<Arc<WorkerSlot>>,
-) -> String {
+) -> Ended {
     let metrics = &state.hub.metrics;
+    let cfg = state.config();
+    let ping_data = spec.ping_data(&cfg).map(|d| d.into_bytes());
+    let heartbeat_limit_ms = spec
+        .ping_interval(&cfg)
+        .map(|p| p.as_millis() as u64 * u64::from(spec.ping_missed_limit(&cfg)))
+        .unwrap_or(u64::MAX);
+    // Optional per-client rate limit: a token bucket of `client_rate_limit`
+    // messages per second (burst of the same size). Over the limit the
+    // connection stops reading, so the client is slowed by TCP
+    // back-pressure; nothing is dropped.
+    let rate = cfg.client_rate_limit as f64;
+    drop(cfg);
+    let mut tokens = rate;
+    let mut refilled = tokio::time::Instant::now();
     // Formatted once per connection, not once per message.
     let client_id_text = client_id.to_string();
     let event = |kind| RoutedEvent {
@@ -418,87 +450,152 @@ async fn read_loop(
         },
         flow: flow.clone(),
     };
+    // A tick: close a silent client, or ping it.
+    let heartbeat = |conn: &mut Conn| -> Option<Ended> {
+        let silent = state
+            .now_ms()
+            .saturating_sub(conn.shared.last_heard_ms.load(Ordering::Relaxed));
+        if silent >= heartbeat_limit_ms {
+            metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%client_id, silent_ms = silent, "closing silent client");
+            conn.shared.close(codes::CLOSE_HEARTBEAT_TIMEOUT);
+            return Some(Ended::new(close_reason(Some(
+                codes::CLOSE_HEARTBEAT_TIMEOUT,
+            ))));
+        }
+        if let Some(ping) = wire::encode_ping(conn.shared.wire, ping_data.as_deref()) {
+            conn.send_control(ping);
+        }
+        None
+    };
+    // What ends the connection while it waits for something else.
+    let on_event = |conn: &mut Conn, ev: IoEvent| -> Option<Ended> {
+        match ev {
+            IoEvent::Tick => heartbeat(conn),
+            IoEvent::Read => None,
+            IoEvent::Eof => Some(Ended::new("client disconnected")),
+            IoEvent::Closed(code) => Some(Ended::new(close_reason(Some(code)))),
+            IoEvent::Failed(e) => {
+                conn.shared.close(1006);
+                Some(Ended {
+                    socket_failed: true,
+                    ..Ended::new(format!("i/o error: {e}"))
+                })
+            }
+        }
+    };
+
     let connect = event(pb::event::Kind::Connect(pb::Connect {
         protocol: protocol.to_string(),
     }));
-    if state
-        .router
-        .dispatch(sticky, connect, &state.links_shutdown)
-        .await
-        .is_err()
-    {
-        return "gateway shutting down".into();
+    if let Err(ended) = dispatch(conn, state, sticky, connect, &on_event).await {
+        return ended;
     }
-    // Optional per-client rate limit: a token bucket of `client_rate_limit`
-    // messages per second (burst of the same size). Over the limit the
-    // reader pauses, so the client is slowed by TCP back-pressure; nothing
-    // is dropped.
-    let rate = state.config().client_rate_limit as f64;
-    let mut tokens = rate;
-    let mut refilled = tokio::time::Instant::now();
-    let reason = loop {
-        if rate > 0.0 {
-            let now = tokio::time::Instant::now();
-            tokens = (tokens + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
-            refilled = now;
-            if tokens < 1.0 {
-                let wait = std::time::Duration::from_secs_f64((1.0 - tokens) / rate);
-                tokio::select! {
-                    _ = control.closed.cancelled() => break close_reason(control.close_code()),
-                    _ = tokio::time::sleep(wait) => {}
+    loop {
+        // Every complete message in the buffer first.
+        loop {
+            let inbound = match decoder.decode(&mut conn.rbuf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    conn.shared.close(e.close_code());
+                    return Ended::new(format!("read error: {e}"));
                 }
-                continue;
-            }
-            tokens -= 1.0;
-        }
-        let inbound = tokio::select! {
-            _ = control.closed.cancelled() => break close_reason(control.close_code()),
-            m = read.next() => m,
-        };
-        let payload = match inbound {
-            None => break "client disconnected".to_string(),
-            Some(Err(e)) => {
-                if e.too_big() {
-                    control.close(codes::CLOSE_TOO_BIG);
+            };
+            conn.shared
+                .last_heard_ms
+                .store(state.now_ms(), Ordering::Relaxed);
+            let payload = match inbound {
+                Inbound::Ping(data) => {
+                    conn.send_control(wire::encode_pong(&data));
+                    continue;
                 }
-                break format!("read error: {e}");
+                Inbound::Pong => continue,
+                Inbound::Close(code) => {
+                    return Ended {
+                        client_code: Some(code.unwrap_or(1000)),
+                        ..Ended::new("client closed")
+                    }
+                }
+                Inbound::Text(data) => pb::Payload {
+                    data,
+                    binary: false,
+                },
+                Inbound::Binary(data) => pb::Payload { data, binary: true },
+            };
+            metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .bytes_in
+                .fetch_add(payload.data.len() as u64, Ordering::Relaxed);
+            if rate > 0.0 {
+                let now = tokio::time::Instant::now();
+                tokens = (tokens + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
+                refilled = now;
+                if tokens < 1.0 {
+                    let wait = Duration::from_secs_f64((1.0 - tokens) / rate);
+                    let mut pause = Box::pin(tokio::time::sleep(wait));
+                    loop {
+                        match conn.wait_with_io(pause).await {
+                            Ok(()) => break,
+                            Err((ev, p)) => {
+                                if let Some(ended) = on_event(conn, ev) {
+                                    return ended;
+                                }
+                                pause = p;
+                            }
+                        }
+                    }
+                    let now = tokio::time::Instant::now();
+                    tokens += now.duration_since(refilled).as_secs_f64() * rate;
+                    refilled = now;
+                }
+                tokens -= 1.0;
             }
-            Some(Ok(Inbound::Close)) => break "client closed".to_string(),
-            Some(Ok(Inbound::Activity)) => {
-                control
-                    .last_heard_ms
-                    .store(state.now_ms(), Ordering::Relaxed);
-                continue;
+            let ev = event(pb::event::Kind::Message(pb::Message {
+                payload: Some(payload),
+            }));
+            if let Err(ended) = dispatch(conn, state, sticky, ev, &on_event).await {
+                return ended;
             }
-            Some(Ok(Inbound::Text(t))) => pb::Payload {
-                data: Bytes::from(t),
-                binary: false,
-            },
-            Some(Ok(Inbound::Binary(b))) => pb::Payload {
-                data: b,
-                binary: true,
-            },
-        };
-        control
-            .last_heard_ms
-            .store(state.now_ms(), Ordering::Relaxed);
-        metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .bytes_in
-            .fetch_add(payload.data.len() as u64, Ordering::Relaxed);
-        let ev = event(pb::event::Kind::Message(pb::Message {
-            payload: Some(payload),
-        }));
-        if state
-            .router
-            .dispatch(sticky, ev, &state.links_shutdown)
-            .await
-            .is_err()
-        {
-            break "gateway shutting down".into();
         }
+        conn.release_idle_buffers();
+        let want = decoder.wanted(&conn.rbuf).unwrap_or(0);
+        let ev = std::future::poll_fn(|cx| conn.poll_io(cx, Some(want))).await;
+        if let Some(ended) = on_event(conn, ev) {
+            return ended;
+        }
+    }
+}
+
+/// Hands one event to the client's worker: at once when its link has room
+/// (the common case, no allocation), otherwise waiting for room or for a
+/// worker while the connection keeps writing. If the connection must end
+/// meanwhile, the event is still handed over (it was received before the
+/// end) before the end is reported.
+async fn dispatch(
+    conn: &mut Conn,
+    state: &State,
+    sticky: &mut Option<Arc<WorkerSlot>>,
+    event: RoutedEvent,
+    on_event: &impl Fn(&mut Conn, IoEvent) -> Option<Ended>,
+) -> Result<(), Ended> {
+    let Err(event) = state.router.try_dispatch(sticky, event) else {
+        return Ok(());
     };
-    reason
+    let mut fut = Box::pin(state.router.dispatch(sticky, event, &state.links_shutdown));
+    loop {
+        match conn.wait_with_io(fut).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(Ended::new("gateway shutting down")),
+            Err((ev, f)) => {
+                if let Some(ended) = on_event(conn, ev) {
+                    let _ = f.await;
+                    return Err(ended);
+                }
+                fut = f;
+            }
+        }
+    }
 }
 
 fn close_reason(code: Option<u16>) -> String {
@@ -511,96 +608,4 @@ fn close_reason(code: Option<u16>) -> String {
         Some(c) => format!("closed with code {c}"),
         None => "closed".into(),
     }
-}
-
-/// Writes queued messages, heartbeats and finally the close.
-async fn write_loop(
-    mut write: ClientWrite,
-    mut queue: mpsc::Receiver<Outbound>,
-    control: Arc<ClientControl>,
-    state: Arc<State>,
-    client_id: ClientId,
-    spec: ListenSpec,
-) {
-    let cfg = state.config();
-    let cfg = &*cfg;
-    let ping_every = spec.ping_interval(cfg);
-    let mut tick = tokio::time::interval(ping_every.unwrap_or(Duration::from_secs(3600)));
-    tick.tick().await;
-    let ping_data = spec.ping_data(cfg).map(Bytes::from);
-    let limit_ms = ping_every
-        .map(|p| p.as_millis() as u64 * u64::from(spec.ping_missed_limit(cfg)))
-        .unwrap_or(u64::MAX);
-    loop {
-        tokio::select! {
-            biased;
-            _ = control.closed.cancelled() => break,
-            msg = queue.recv() => {
-                let Some(msg) = msg else { break };
-                // Everything ready goes out with one flush. A client that
-                // stops reading blocks this write; the close signal (e.g.
-                // slow consumer once its queue overflows) must still win.
-                let batch = async {
-                    let mut n = msg.len();
-                    let mut result = write.feed(msg).await;
-                    while result.is_ok() {
-                        match queue.try_recv() {
-                            Ok(m) => { n += m.len(); result = write.feed(m).await; }
-                            Err(_) => break,
-                        }
-                    }
-                    control.queued_bytes.fetch_sub(n, Ordering::AcqRel);
-                    match result {
-                        Ok(()) => write.flush().await,
-                        Err(e) => Err(e),
-                    }
-                };
-                let written = tokio::select! {
-                    r = batch => Some(r),
-                    _ = control.closed.cancelled() => None,
-                };
-                match written {
-                    Some(Ok(())) => {}
-                    Some(Err(_)) => {
-                        control.close(1006);
-                        return;
-                    }
-                    None => break,
-                }
-            }
-            _ = tick.tick(), if ping_every.is_some() => {
-                let silent = state.now_ms().saturating_sub(control.last_heard_ms.load(Ordering::Relaxed));
-                if silent >= limit_ms {
-                    state.hub.metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%client_id, silent_ms = silent, "closing silent client");
-                    control.close(codes::CLOSE_HEARTBEAT_TIMEOUT);
-                    break;
-                }
-                if write.ping(ping_data.as_ref()).await.is_err() {
-                    control.close(1006);
-                    return;
-                }
-            }
-        }
-    }
-    let code = control.close_code().unwrap_or(1000);
-    // Bounded: a client that does not read cannot hold the task.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        if code != CLOSE_IMMEDIATE && code != codes::CLOSE_SLOW_CONSUMER {
-            // What was queued before the close (e.g. a final message) goes first.
-            while let Ok(m) = queue.try_recv() {
-                if write.feed(m).await.is_err() {
-                    break;
-                }
-            }
-            let _ = write.flush().await;
-        }
-        let code = if code == CLOSE_IMMEDIATE {
-            codes::CLOSE_BY_APPLICATION
-        } else {
-            code
-        };
-        write.close(code, &close_reason(Some(code))).await;
-    })
-    .await;
 }
