@@ -77,9 +77,25 @@ impl ClientId {
     }
 }
 
+/// Writes `value` as exactly `digits` lower-case hex digits into `out`.
+fn put_hex(out: &mut [u8], value: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = value;
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
 impl fmt::Display for ClientId {
+    // By hand rather than `write!`: ids are formatted for every event and
+    // command, and the formatting machinery showed up in profiles.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{:08x}", self.gateway, self.seq)
+        let mut buf = [0u8; 28];
+        let seq_digits = (16 - self.seq.leading_zeros() as usize / 4).max(8);
+        put_hex(&mut buf[..12], self.gateway.get());
+        put_hex(&mut buf[12..12 + seq_digits], self.seq);
+        f.write_str(std::str::from_utf8(&buf[..12 + seq_digits]).map_err(|_| fmt::Error)?)
     }
 }
 

@@ -120,12 +120,30 @@ async fn session<H: EventHandler>(
             _ = stop.cancelled() => break SessionEnd::Stopped,
             out = rx.recv() => {
                 let Some(f) = out else { break SessionEnd::Stopped };
-                let mut result = link.feed(f).await;
-                while result.is_ok() {
-                    match rx.try_recv() {
-                        Ok(f) => result = link.feed(f).await,
-                        Err(_) => break,
+                // Everything ready goes out with one flush; runs of acks
+                // (one per handled event) become one frame.
+                let mut acks: Vec<u64> = Vec::new();
+                let mut next = Some(f);
+                let mut result = Ok(());
+                while let Some(f) = next.take() {
+                    match f.body {
+                        Some(Body::Ack(a)) => acks.extend(a.ids),
+                        _ => {
+                            if !acks.is_empty() {
+                                result = link.feed(ack_frame(std::mem::take(&mut acks))).await;
+                            }
+                            if result.is_ok() {
+                                result = link.feed(f).await;
+                            }
+                        }
                     }
+                    if result.is_err() {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if result.is_ok() && !acks.is_empty() {
+                    result = link.feed(ack_frame(acks)).await;
                 }
                 if let Err(e) = result {
                     break SessionEnd::Lost(e.to_string());
@@ -212,4 +230,8 @@ async fn session<H: EventHandler>(
     }
     pending.lock().clear();
     end
+}
+
+fn ack_frame(ids: Vec<u64>) -> pb::LinkFrame {
+    frame(Body::Ack(pb::Ack { ids }))
 }

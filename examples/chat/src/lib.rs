@@ -5,7 +5,10 @@
 
 pub mod web;
 
+use std::borrow::Cow;
+
 use gw_worker::{CloseInfo, Context, EventHandler, Payload};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 /// The chat protocol handler.
@@ -24,11 +27,80 @@ fn field<'a>(msg: &'a Map<String, Value>, name: &str) -> Result<&'a str, BadRequ
     }
 }
 
+/// The hot requests (`echo`, `say`, `whisper`) read without building a
+/// JSON tree: fields stay borrowed raw JSON and replies are spliced from
+/// them. Anything unusual (other types, missing or odd fields, duplicate
+/// keys) goes through the general path, which also words the errors.
+#[derive(serde::Deserialize)]
+struct FastRequest<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    room: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+}
+
+/// A raw JSON value that is a non-empty string, as its text.
+fn raw_name(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let s: Cow<'_, str> = serde_json::from_str(raw?.get()).ok()?;
+    (!s.is_empty()).then_some(s)
+}
+
+/// `{"type":"<kind>",<fields>,"text":<text>}` from raw JSON pieces.
+fn splice(kind: &str, fields: &[(&str, &str)], text: Option<&RawValue>) -> Payload {
+    let text = text.map_or("null", RawValue::get);
+    let mut out = String::with_capacity(40 + text.len());
+    out.push_str("{\"type\":\"");
+    out.push_str(kind);
+    out.push('"');
+    for (name, json) in fields {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(json);
+    }
+    out.push_str(",\"text\":");
+    out.push_str(text);
+    out.push('}');
+    Payload::text(out)
+}
+
 impl Chat {
+    /// `Some` if the request was one of the hot ones and was handled.
+    async fn handle_fast(&self, ctx: &Context, text: &str) -> Option<Result<(), gw_worker::Error>> {
+        let req: FastRequest<'_> = serde_json::from_str(text).ok()?;
+        let me = ctx.client_id;
+        let from = format!("\"{me}\"");
+        match req.kind {
+            "echo" => Some(ctx.reply(splice("echo", &[], req.text)).await),
+            "say" => {
+                let room_json = req.room?.get();
+                let room = raw_name(req.room)?;
+                let said = splice("said", &[("room", room_json), ("from", &from)], req.text);
+                Some(ctx.handle().send_to_group(&room, said, &[]).await)
+            }
+            "whisper" => {
+                let to = raw_name(req.to)?;
+                let w = splice("whisper", &[("from", &from)], req.text);
+                Some(ctx.handle().send_to_uid(&to, w).await)
+            }
+            _ => None,
+        }
+    }
+
     async fn handle(&self, ctx: &Context, msg: Payload) -> Result<(), BadRequest> {
         let text = msg
             .as_text()
             .ok_or_else(|| BadRequest("binary frames are not part of the chat protocol".into()))?;
+        if let Some(result) = self.handle_fast(ctx, text).await {
+            if let Err(e) = result {
+                tracing::warn!(client_id = %ctx.client_id, error = %e, "chat command incomplete");
+            }
+            return Ok(());
+        }
         let value: Value =
             serde_json::from_str(text).map_err(|e| BadRequest(format!("invalid JSON: {e}")))?;
         let Value::Object(msg) = value else {
