@@ -16,7 +16,9 @@ pub(crate) mod handshake;
 pub(crate) mod tls;
 pub(crate) mod wire;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenSpec, Protocol};
-use crate::hub::{ClientShared, QueueLimits, CLOSE_IMMEDIATE};
+use crate::hub::{ClientSender, ClientShared, QueueLimits, CLOSE_IMMEDIATE};
 use crate::routing::{ClientFlow, RoutedEvent, WorkerSlot};
 use crate::State;
 use conn::{Conn, IoEvent};
@@ -42,6 +44,8 @@ pub(crate) async fn accept_loop(
     state: Arc<State>,
     tracker: TaskTracker,
 ) {
+    // Shared: a per-connection copy would be allocated for every client.
+    let spec = Arc::new(spec);
     loop {
         let (stream, addr) = tokio::select! {
             _ = state.accept_stop.cancelled() => return,
@@ -57,9 +61,7 @@ pub(crate) async fn accept_loop(
         };
         let state = state.clone();
         let spec = spec.clone();
-        tracker.spawn(async move {
-            handle_connection(stream, addr, spec, state).await;
-        });
+        tracker.spawn(handle_connection(stream, addr, spec, state));
     }
 }
 
@@ -72,36 +74,54 @@ impl Drop for ConnectionPermit {
     }
 }
 
-async fn handle_connection(
+/// A client past its handshake.
+struct Established {
+    stream: ClientStream,
+    wire: Wire,
+    shared: ClientSender,
+    flow: Arc<ClientFlow>,
+    sticky: Option<Arc<WorkerSlot>>,
+    client_id: ClientId,
+    remote_addr: String,
+    leftover: Vec<u8>,
+}
+
+/// Everything before a connection is established (TLS, limits, the
+/// WebSocket handshake). Its own future, boxed by the caller: its state is
+/// large and short-lived, and inline it would size every connection's task
+/// for its whole life.
+async fn establish(
     stream: TcpStream,
     addr: SocketAddr,
-    spec: ListenSpec,
-    state: Arc<State>,
-) {
+    spec: &ListenSpec,
+    state: &Arc<State>,
+) -> Option<Established> {
     let cfg = state.config();
     let cfg = &*cfg;
     let metrics = state.hub.metrics.clone();
-    let open = state.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
-    let _permit = ConnectionPermit(state.clone());
-    let full = open > cfg.max_connections;
+    let full = state.open_connections.load(Ordering::Acquire) > cfg.max_connections;
     let _ = stream.set_nodelay(true);
     // wss: the TLS handshake first, within the handshake timeout.
     let mut stream = match (spec.protocol, &state.tls) {
         (Protocol::Wss, Some(tls)) => {
-            match tokio::time::timeout(cfg.handshake_timeout(), tls.acceptor().accept(stream)).await
-            {
+            // Boxed: a TLS handshake's state is large and short-lived.
+            let accept = Box::pin(tokio::time::timeout(
+                cfg.handshake_timeout(),
+                tls.acceptor().accept(stream),
+            ));
+            match accept.await {
                 Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     tracing::debug!(%addr, "TLS handshake timed out");
-                    return;
+                    return None;
                 }
             }
         }
-        (Protocol::Wss, None) => return,
+        (Protocol::Wss, None) => return None,
         _ => ClientStream::Plain(stream),
     };
     if full {
@@ -112,9 +132,9 @@ async fn handle_connection(
                 status: 503,
                 reason: "gateway at max_connections, retry later".into(),
             };
-            respond_refusal(&mut stream, &r).await;
+            Box::pin(respond_refusal(&mut stream, &r)).await;
         }
-        return;
+        return None;
     }
 
     let wire = match spec.protocol {
@@ -142,17 +162,10 @@ async fn handle_connection(
         // Boxed: the handshake's state is needed only briefly, and kept
         // inline it would make every connection's future larger for its
         // whole life.
-        let handshake = tokio::time::timeout(
+        let handshake = Box::pin(tokio::time::timeout(
             cfg.handshake_timeout(),
-            Box::pin(ws_handshake(
-                &mut stream,
-                addr,
-                &state,
-                client_id,
-                &flow,
-                &mut sticky,
-            )),
-        )
+            ws_handshake(&mut stream, addr, state, client_id, &flow, &mut sticky),
+        ))
         .await;
         let accepted = match handshake {
             Ok(r) => r,
@@ -170,13 +183,13 @@ async fn handle_connection(
                 state.handshakes.lock().remove(&client_id.seq());
                 state.hub.remove_client(client_id);
                 tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "websocket handshake refused");
-                respond_refusal(&mut stream, &refusal).await;
-                return;
+                Box::pin(respond_refusal(&mut stream, &refusal)).await;
+                return None;
             }
         }
     } else {
         if !matches!(stream, ClientStream::Plain(_)) {
-            return;
+            return None;
         }
         (
             state.hub.add_client(shared.clone()),
@@ -184,6 +197,41 @@ async fn handle_connection(
             Vec::new(),
         )
     };
+    Some(Established {
+        stream,
+        wire,
+        shared,
+        flow,
+        sticky,
+        client_id,
+        remote_addr,
+        leftover,
+    })
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    spec: Arc<ListenSpec>,
+    state: Arc<State>,
+) {
+    state.open_connections.fetch_add(1, Ordering::AcqRel);
+    let _permit = ConnectionPermit(state.clone());
+    let Some(Established {
+        stream,
+        wire,
+        shared,
+        flow,
+        mut sticky,
+        client_id,
+        remote_addr,
+        leftover,
+    }) = Box::pin(establish(stream, addr, &spec, &state)).await
+    else {
+        return;
+    };
+    let cfg = state.config();
+    let metrics = state.hub.metrics.clone();
     let protocol = spec.protocol.name();
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%client_id, %remote_addr, protocol, "client connected");
@@ -193,10 +241,11 @@ async fn handle_connection(
         shared.clone(),
         metrics.clone(),
         leftover,
-        spec.ping_interval(cfg),
+        spec.ping_interval(&cfg),
     );
-    let mut decoder = Decoder::new(wire, spec.max_message_bytes(cfg));
-    let reason = serve(
+    let mut decoder = Decoder::new(wire, spec.max_message_bytes(&cfg));
+    drop(cfg);
+    let serving = serve(
         &mut conn,
         &mut decoder,
         &spec,
@@ -206,8 +255,8 @@ async fn handle_connection(
         protocol,
         &flow,
         &mut sticky,
-    )
-    .await;
+    );
+    let reason = serving.await;
 
     // Leave every table first so that no later send finds the client, then
     // close the socket, then report the close once, with what the client had.
@@ -488,8 +537,10 @@ async fn serve(
     let connect = event(pb::event::Kind::Connect(pb::Connect {
         protocol: protocol.to_string(),
     }));
-    if let Err(ended) = dispatch(conn, state, sticky, connect, &on_event).await {
-        return ended;
+    if let Some(slow) = dispatch_now(state, sticky, connect) {
+        if let Err(ended) = dispatch_waiting(conn, slow, &on_event).await {
+            return ended;
+        }
     }
     loop {
         // Every complete message in the buffer first.
@@ -554,8 +605,10 @@ async fn serve(
             let ev = event(pb::event::Kind::Message(pb::Message {
                 payload: Some(payload),
             }));
-            if let Err(ended) = dispatch(conn, state, sticky, ev, &on_event).await {
-                return ended;
+            if let Some(slow) = dispatch_now(state, sticky, ev) {
+                if let Err(ended) = dispatch_waiting(conn, slow, &on_event).await {
+                    return ended;
+                }
             }
         }
         conn.release_idle_buffers();
@@ -567,29 +620,47 @@ async fn serve(
     }
 }
 
-/// Hands one event to the client's worker: at once when its link has room
-/// (the common case, no allocation), otherwise waiting for room or for a
-/// worker while the connection keeps writing. If the connection must end
-/// meanwhile, the event is still handed over (it was received before the
-/// end) before the end is reported.
-async fn dispatch(
-    conn: &mut Conn,
-    state: &State,
-    sticky: &mut Option<Arc<WorkerSlot>>,
+/// A dispatch still waiting for room or for a worker; `false` if the
+/// gateway stopped first.
+type SlowDispatch<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
+/// Hands `event` to the client's worker at once when its link has room
+/// (the common case, no allocation). Otherwise returns the wait, boxed: an
+/// event is large, and the waiting state inline would size every
+/// connection's task for its whole life.
+fn dispatch_now<'a>(
+    state: &'a State,
+    sticky: &'a mut Option<Arc<WorkerSlot>>,
     event: RoutedEvent,
+) -> Option<SlowDispatch<'a>> {
+    match state.router.try_dispatch(sticky, event) {
+        Ok(()) => None,
+        Err(event) => Some(Box::pin(async move {
+            state
+                .router
+                .dispatch(sticky, event, &state.links_shutdown)
+                .await
+                .is_ok()
+        })),
+    }
+}
+
+/// Waits for a dispatch that could not complete at once while the
+/// connection keeps writing. If the connection must end meanwhile, the
+/// event is still handed over (it was received before the end) before the
+/// end is reported.
+async fn dispatch_waiting(
+    conn: &mut Conn,
+    mut fut: SlowDispatch<'_>,
     on_event: &impl Fn(&mut Conn, IoEvent) -> Option<Ended>,
 ) -> Result<(), Ended> {
-    let Err(event) = state.router.try_dispatch(sticky, event) else {
-        return Ok(());
-    };
-    let mut fut = Box::pin(state.router.dispatch(sticky, event, &state.links_shutdown));
     loop {
         match conn.wait_with_io(fut).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(Ended::new("gateway shutting down")),
+            Ok(true) => return Ok(()),
+            Ok(false) => return Err(Ended::new("gateway shutting down")),
             Err((ev, f)) => {
                 if let Some(ended) = on_event(conn, ev) {
-                    let _ = f.await;
+                    f.await;
                     return Err(ended);
                 }
                 fut = f;
