@@ -35,5 +35,9 @@ python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable
 python3 tests/deploy/check_deploy.py > target/deploy-check.log || { cat target/deploy-check.log; exit 1; }
 tail -n 1 target/deploy-check.log
 
+echo "== every command in README.md and docs/*.md (run against local clusters, or shape-checked)"
+python3 tests/docs/check_doc_commands.py > target/doc-commands.log || { cat target/doc-commands.log; exit 1; }
+tail -n 1 target/doc-commands.log
+
 echo "== multi-host cluster in network namespaces"
 tests/multihost/run.sh
