@@ -10,6 +10,8 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// Exit code for an invalid configuration (as linkerd does: EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 64;
@@ -29,18 +31,57 @@ pub fn parse_cli<T: clap::Parser>() -> T {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+/// The filter for a `log_level` setting: the setting itself when given
+/// (`info`, `warn,gw_gateway=debug`, ...), else `RUST_LOG`, else `info`.
+fn log_filter(level: &str) -> Result<EnvFilter, String> {
+    if level.trim().is_empty() {
+        return Ok(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
     }
+    EnvFilter::try_new(level).map_err(|e| format!("`{level}` is not a log filter: {e}"))
+}
+
+/// Checks a `log_level` setting (for `validate()`).
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    log_filter(level).map(drop)
+}
+
+/// Changes the log filter of a running process (SIGHUP).
+#[derive(Clone)]
+pub struct LogControl(reload::Handle<EnvFilter, Registry>);
+
+impl LogControl {
+    /// Applies `level` (see [`init_logging`]); returns whether it changed.
+    pub fn set(&self, level: &str) -> Result<bool, String> {
+        let new = log_filter(level)?;
+        let text = new.to_string();
+        let mut changed = false;
+        self.0
+            .modify(|f| {
+                changed = f.to_string() != text;
+                *f = new;
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(changed)
+    }
+}
+
+/// Logs to stderr, human-readable or JSON lines, filtered by `level` (the
+/// daemon's `log_level` setting; empty = `RUST_LOG`, default `info`). The
+/// filter can be changed later through the returned [`LogControl`].
+pub fn init_logging(json: bool, level: &str) -> LogControl {
+    let filter = log_filter(level).unwrap_or_else(|e| {
+        eprintln!("log_level: {e}; using `info`");
+        EnvFilter::new("info")
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry.with(fmt.json()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    LogControl(handle)
 }
 
 /// Runs `main` on a multi-thread runtime (`GW_THREADS` worker threads, by

@@ -205,6 +205,9 @@ pub struct GatewayConfig {
     pub api: Option<String>,
     /// Bearer token the push API requires. Required when `api` is set.
     pub api_key: Option<String>,
+    /// Log filter (`info`, `warn,gw_gateway=debug`, ...); empty = `RUST_LOG`,
+    /// else `info`. Changes on SIGHUP.
+    pub log_level: String,
     /// Most messages per second one client may send (burst of the same
     /// size); beyond it the gateway reads from that client more slowly
     /// (TCP back-pressure, nothing dropped). 0 = no limit.
@@ -252,6 +255,7 @@ impl Default for GatewayConfig {
             handshake_to_worker: true,
             api: None,
             api_key: None,
+            log_level: String::new(),
             tls_cert: None,
             tls_key: None,
             client_rate_limit: 0,
@@ -281,6 +285,9 @@ fn bad(field: &'static str, message: impl Into<String>) -> ConfigError {
 impl GatewayConfig {
     /// Checks the configuration; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = gw_daemon::check_log_level(&self.log_level) {
+            return Err(bad("log_level", e));
+        }
         if self.secret.len() < 8 {
             return Err(bad(
                 "secret",

@@ -65,6 +65,9 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
+    /// Log filter (`info`, `warn,gw_gateway=debug`); default `RUST_LOG`, else `info`. Re-read on SIGHUP.
+    #[arg(long, env = "GW_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
@@ -124,6 +127,9 @@ fn load(cli: &Cli) -> anyhow::Result<GatewayConfig> {
     if let Some(v) = cli.ping_missed_limit {
         config.ping_missed_limit = v;
     }
+    if let Some(v) = &cli.log_level {
+        config.log_level = v.clone();
+    }
     config.validate()?;
     Ok(config)
 }
@@ -134,7 +140,6 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    gw_daemon::init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -142,6 +147,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             return ExitCode::from(gw_daemon::EXIT_CONFIG);
         }
     };
+    let log = gw_daemon::init_logging(cli.log_json, &config.log_level);
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -162,7 +168,10 @@ async fn async_main(cli: Cli) -> ExitCode {
     if let Ok(handle) = ready_rx.await {
         tokio::spawn(gw_daemon::signals(shutdown.clone(), move || {
             match load(&cli) {
-                Ok(new) => match handle.reload(new) {
+                Ok(new) => match log
+                    .set(&new.log_level)
+                    .and_then(|_| handle.reload(new).map_err(|e| e.to_string()))
+                {
                     Ok((changed, ignored)) => {
                         tracing::info!(?changed, "SIGHUP: configuration reloaded");
                         if !ignored.is_empty() {

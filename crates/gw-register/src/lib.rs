@@ -46,6 +46,9 @@ pub struct RegisterConfig {
     pub link_tls_cert: Option<String>,
     /// TLS on internal links: its private key (PEM).
     pub link_tls_key: Option<String>,
+    /// Log filter (`info`, `warn,gw_register=debug`, ...); empty = `RUST_LOG`,
+    /// else `info`. Changes on SIGHUP.
+    pub log_level: String,
 }
 
 impl Default for RegisterConfig {
@@ -58,6 +61,7 @@ impl Default for RegisterConfig {
             metrics: None,
             link_tls_cert: None,
             link_tls_key: None,
+            log_level: String::new(),
         }
     }
 }
@@ -72,6 +76,12 @@ pub struct ConfigError {
 
 impl RegisterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(message) = gw_daemon::check_log_level(&self.log_level) {
+            return Err(ConfigError {
+                field: "log_level",
+                message,
+            });
+        }
         if self.secret.len() < 8 {
             return Err(ConfigError {
                 field: "secret",

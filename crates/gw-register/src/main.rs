@@ -35,6 +35,9 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "GW_LOG_JSON")]
     log_json: bool,
+    /// Log filter (`info`, `warn,gw_register=debug`); default `RUST_LOG`, else `info`. Re-read on SIGHUP.
+    #[arg(long, env = "GW_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
@@ -64,6 +67,9 @@ fn load(cli: &Cli) -> anyhow::Result<RegisterConfig> {
     if let Some(v) = cli.peer_timeout_ms {
         config.peer_timeout_ms = v;
     }
+    if let Some(v) = &cli.log_level {
+        config.log_level = v.clone();
+    }
     config.validate()?;
     Ok(config)
 }
@@ -74,7 +80,6 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    gw_daemon::init_logging(cli.log_json);
     let config = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -82,6 +87,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             return ExitCode::from(gw_daemon::EXIT_CONFIG);
         }
     };
+    let log = gw_daemon::init_logging(cli.log_json, &config.log_level);
     let listener = match tokio::net::TcpListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -100,8 +106,20 @@ async fn async_main(cli: Cli) -> ExitCode {
         None => None,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(gw_daemon::signals(shutdown.clone(), || {
-        tracing::info!("SIGHUP: nothing to reload")
+    // SIGHUP: the log filter is the one setting a register changes at run
+    // time (everything else is an address or the secret).
+    tokio::spawn(gw_daemon::signals(shutdown.clone(), move || {
+        match load(&cli)
+            .map_err(|e| e.to_string())
+            .and_then(|c| log.set(&c.log_level))
+        {
+            Ok(changed) => {
+                tracing::info!(log_level_changed = changed, "SIGHUP: configuration re-read")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: new configuration refused; keeping the old one")
+            }
+        }
     }));
     match gw_register::run_with_metrics(config, listener, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -316,3 +316,55 @@ async fn sighup_reloads_run_time_settings_without_dropping_clients() -> anyhow::
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_log_level_and_a_bad_one_exits_64() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("gw-loglevel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("register.toml");
+    let log = dir.join("register.log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let write = |level: &str| {
+        std::fs::write(
+            &file,
+            format!("listen = \"{addr}\"\nsecret = \"{SECRET}\"\nlog_level = \"{level}\"\n"),
+        )
+    };
+    write("warn")?;
+    let mut child = std::process::Command::new(gw_test_support::process::bin_path("gw-register"))
+        .args(["--config", file.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = std::fs::read_to_string(&log)?;
+    assert!(!before.contains("INFO"), "info logged at warn: {before}");
+    write("debug")?;
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let mut after = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = std::fs::read_to_string(&log)?;
+        if after.contains("configuration re-read") {
+            break;
+        }
+    }
+    assert!(
+        after.contains("log_level_changed") && after.contains("true"),
+        "no log level change after SIGHUP: {after}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    // A filter that does not parse is a configuration error naming the field.
+    let out = std::process::Command::new(gw_test_support::process::bin_path("gw-register"))
+        .args(["--secret", SECRET, "--log-level", "gw_register=loud"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("log_level"));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    gw_daemon::init_logging(cli.log_json);
+    gw_daemon::init_logging(cli.log_json, "");
     if let Some(addr) = &cli.web {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
