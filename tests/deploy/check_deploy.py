@@ -800,7 +800,8 @@ def check_docker() -> None:
     build_text = " ".join(build)
     copies = " ".join(l for l in final if l.upper().startswith("COPY --FROM"))
     ws_bins = workspace_binaries()
-    for b in BINARIES:
+    # gwctl ships in the image too (status and pushes from inside a pod).
+    for b in BINARIES + ("gwctl",):
         if b not in ws_bins:
             problems.append(f"the workspace builds no binary {b} (it builds {sorted(ws_bins)})")
         if f"target/release/{b}" not in build_text:
@@ -812,7 +813,7 @@ def check_docker() -> None:
         problems.append(f"the runtime stage must end as a non-root USER (has {users})")
     elif not users[-1].split(":")[0].isdigit():
         problems.append(f"USER {users[-1]}: use a numeric uid so that Kubernetes runAsNonRoot can verify it")
-    R.check("deploy/docker/Dockerfile: rust:1-bookworm build, debian:bookworm-slim runtime, three binaries, non-root", problems)
+    R.check("deploy/docker/Dockerfile: rust:1-bookworm build, debian:bookworm-slim runtime, three daemons + gwctl, non-root", problems)
 
     di = DEPLOY / "docker" / "dockerignore"
     problems = []

@@ -59,8 +59,19 @@ fn cid(s: &str) -> Result<ClientId, ClientError> {
 impl GatewayClient {
     /// Connects through the register(s) to every gateway.
     pub async fn link(registers: &[String], secret: &str) -> Result<Self, ClientError> {
+        Self::link_with(registers, secret, gw_link::LinkTls::default()).await
+    }
+
+    /// [`Self::link`] with a TLS setting for the internal links (when the
+    /// cluster serves TLS on its internal ports).
+    pub async fn link_with(
+        registers: &[String],
+        secret: &str,
+        tls: gw_link::LinkTls,
+    ) -> Result<Self, ClientError> {
         let mut b = PushClient::builder()
             .secret(secret)
+            .link_tls_config(tls)
             .query_timeout(Duration::from_secs(5));
         for r in registers {
             b = b.register(r.clone());

@@ -19,6 +19,12 @@ struct Cli {
     /// Cluster secret (with --register).
     #[arg(long, env = "GW_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// With --register, when the cluster serves TLS on internal links: the CA certificate(s) to trust (PEM).
+    #[arg(long, env = "GW_LINK_TLS_CA")]
+    link_tls_ca: Option<String>,
+    /// Server name expected in the internal links' certificates.
+    #[arg(long, env = "GW_LINK_TLS_NAME", default_value = "gateworker")]
+    link_tls_name: String,
     /// Push API base URL, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "GW_API_URL")]
     api: Option<String>,
@@ -57,7 +63,21 @@ async fn client(cli: &Cli) -> Result<GatewayClient, ClientError> {
             "give --register and --secret, or --api and --api-key".into(),
         ));
     }
-    GatewayClient::link(&cli.register, cli.secret.as_deref().unwrap_or_default()).await
+    GatewayClient::link_with(
+        &cli.register,
+        cli.secret.as_deref().unwrap_or_default(),
+        link_tls(cli)?,
+    )
+    .await
+}
+
+/// The internal links' TLS setting from `--link-tls-ca` (plain TCP without).
+fn link_tls(cli: &Cli) -> Result<gw_link::LinkTls, ClientError> {
+    match &cli.link_tls_ca {
+        Some(ca) => gw_link::LinkTls::from_files(None, None, Some(ca), &cli.link_tls_name)
+            .map_err(|e| ClientError::Invalid(format!("--link-tls-ca: {e}"))),
+        None => Ok(gw_link::LinkTls::default()),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
@@ -70,8 +90,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 ));
             };
             let secret = cli.secret.clone().unwrap_or_default();
-            let status = gw_link::discovery::cluster_status(
+            let status = gw_link::discovery::cluster_status_with(
                 &cli.register[0],
+                &link_tls(&cli)?,
                 secret.as_bytes(),
                 std::time::Duration::from_secs(5),
             )

@@ -195,8 +195,19 @@ pub async fn cluster_status(
     secret: &[u8],
     timeout: Duration,
 ) -> Result<pb::StatusReply, String> {
-    let (mut link, _) = crate::handshake::connect(
+    cluster_status_with(register, &crate::LinkTls::default(), secret, timeout).await
+}
+
+/// [`cluster_status`] over a link with the given TLS setting.
+pub async fn cluster_status_with(
+    register: &str,
+    tls: &crate::LinkTls,
+    secret: &[u8],
+    timeout: Duration,
+) -> Result<pb::StatusReply, String> {
+    let (mut link, _) = crate::handshake::connect_with(
         register,
+        tls,
         secret,
         Role::PushClient,
         &format!("status-{:08x}", rand::random::<u32>()),

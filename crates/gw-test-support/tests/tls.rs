@@ -172,6 +172,44 @@ async fn internal_links_can_run_over_tls() -> anyhow::Result<()> {
         a.recv_json().await?,
         json!({"type":"echo","text":"over tls links"})
     );
+    // gwctl over the TLS links: `status` and a push work with the CA, and
+    // fail (exit 1, reason on stderr) without it.
+    let gwctl = gw_test_support::process::bin_path("gwctl");
+    let reg_s = reg.to_string();
+    let base = ["--register", &reg_s, "--secret", gw_test_support::SECRET];
+    let with_ca = tokio::process::Command::new(&gwctl)
+        .args(base)
+        .args(["--link-tls-ca", &cert_s, "status"])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&with_ca.stdout);
+    assert!(
+        with_ca.status.success(),
+        "gwctl status over TLS: {with_ca:?}"
+    );
+    assert!(
+        stdout.contains("GATEWAY") && stdout.contains(&gw.handle.gateway_id.to_string()),
+        "{stdout}"
+    );
+    let push = tokio::process::Command::new(&gwctl)
+        .args(base)
+        .args(["--link-tls-ca", &cert_s, "send-to-all", "hello over tls"])
+        .output()
+        .await?;
+    assert!(
+        push.status.success(),
+        "gwctl send-to-all over TLS: {push:?}"
+    );
+    assert_eq!(
+        a.recv(Duration::from_secs(5)).await?.into_text()?.as_str(),
+        "hello over tls"
+    );
+    let without = tokio::process::Command::new(&gwctl)
+        .args(base)
+        .arg("status")
+        .output()
+        .await?;
+    assert_eq!(without.status.code(), Some(1), "{without:?}");
     // A worker that does not speak TLS gets nowhere.
     let plain = gw_test_support::worker_builder(&[reg]).start(Chat)?;
     tokio::time::sleep(Duration::from_millis(800)).await;
