@@ -36,6 +36,6 @@ run fanout-light   fanout --rooms 10 --members 100 --senders 1 --messages 100 --
 run echo-100       echo --clients 100 --window 8 --messages 2000
 run echo-light     echo --clients 10 --window 1 --messages 2000
 run whisper-200    whisper --clients 200 --messages 100 --window 16
-for size in 10 100 1000; do
+for size in 10 100 1000 10000; do
   run "growth-room-$size" fanout --rooms 1 --members "$size" --senders 1 --messages $((200000 / size / 10 + 20)) --window 8
 done

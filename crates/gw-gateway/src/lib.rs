@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod client;
 pub mod config;
 mod hub;
