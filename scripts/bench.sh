@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh            # figures as tables; JSON in target/bench/
 #   scripts/bench.sh echo       # only the scenarios whose name matches
+#   GWT=1 WT=1 scripts/bench.sh # gateway / worker with one runtime thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins --quiet
@@ -18,8 +19,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 $B/gw-register --listen $REG --secret $S 2>"$OUT/register.log" & pids+=($!)
-$B/gw-gateway --register $REG --secret $S --listen $WS --internal 127.0.0.1:19290 --ping-interval-ms 0 2>"$OUT/gateway.log" & pids+=($!); GW=$!
-$B/gw-chat --register $REG --secret $S 2>"$OUT/chat.log" & pids+=($!); W=$!
+GW_THREADS=${GWT:-} $B/gw-gateway --register $REG --secret $S --listen $WS --internal 127.0.0.1:19290 --ping-interval-ms 0 2>"$OUT/gateway.log" & pids+=($!); GW=$!
+GW_THREADS=${WT:-} $B/gw-chat --register $REG --secret $S 2>"$OUT/chat.log" & pids+=($!); W=$!
 sleep 1.5
 ONLY=${1:-}
 run() {
@@ -36,6 +37,9 @@ run fanout-light   fanout --rooms 10 --members 100 --senders 1 --messages 100 --
 run echo-100       echo --clients 100 --window 8 --messages 2000
 run echo-light     echo --clients 10 --window 1 --messages 2000
 run whisper-200    whisper --clients 200 --messages 100 --window 16
+# Growth: the same ~1,000 members split into rooms of 10, 100 and 1,000,
+# then one room of 10,000; one sender per room, window 8, ~300k deliveries.
 for size in 10 100 1000 10000; do
-  run "growth-room-$size" fanout --rooms 1 --members "$size" --senders 1 --messages $((200000 / size / 10 + 20)) --window 8
+  rooms=$(( size >= 1000 ? 1 : 1000 / size ))
+  run "growth-room-$size" fanout --rooms "$rooms" --members "$size" --senders 1 --messages $((300000 / (rooms * size))) --window 8
 done

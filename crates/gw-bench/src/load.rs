@@ -102,30 +102,38 @@ struct ConnState {
 }
 
 impl Acct {
+    fn on_delivery(&mut self, plan: &Plan, sh: &Shared, payload: Option<proto::Payload>) {
+        let now = now_ns();
+        let Some(p) = payload.filter(|p| plan.expect_from.contains(&p.sender)) else {
+            self.unexpected += 1;
+            return;
+        };
+        let tracker = &mut self.trackers[(p.sender - plan.expect_from.start) as usize];
+        let arrival = tracker.record(p.seq);
+        if arrival.is_first() {
+            self.distinct += 1;
+            self.latencies_ns.push(now.saturating_sub(p.sent_ns));
+            self.last_delivery_ns = now;
+            if p.sender == plan.idx || plan.ack_remote {
+                let cell = &sh.acks[p.sender as usize];
+                cell.acked.fetch_add(1, Ordering::AcqRel);
+                if p.sender != plan.idx {
+                    cell.notify.notify_one();
+                }
+            }
+        }
+    }
+
     fn on_frame(&mut self, plan: &Plan, sh: &Shared, text: &str) -> Result<()> {
+        if let Some(p) = proto::scan_delivery(text) {
+            self.on_delivery(plan, sh, Some(p));
+            return Ok(());
+        }
         let m = Inbound::parse(text)?;
         match m.kind.as_ref() {
             "said" | "whisper" | "echo" => {
-                let now = now_ns();
                 let payload = m.text.and_then(|t| proto::decode_payload(t.get()));
-                let Some(p) = payload.filter(|p| plan.expect_from.contains(&p.sender)) else {
-                    self.unexpected += 1;
-                    return Ok(());
-                };
-                let tracker = &mut self.trackers[(p.sender - plan.expect_from.start) as usize];
-                let arrival = tracker.record(p.seq);
-                if arrival.is_first() {
-                    self.distinct += 1;
-                    self.latencies_ns.push(now.saturating_sub(p.sent_ns));
-                    self.last_delivery_ns = now;
-                    if p.sender == plan.idx || plan.ack_remote {
-                        let cell = &sh.acks[p.sender as usize];
-                        cell.acked.fetch_add(1, Ordering::AcqRel);
-                        if p.sender != plan.idx {
-                            cell.notify.notify_one();
-                        }
-                    }
-                }
+                self.on_delivery(plan, sh, payload);
                 Ok(())
             }
             // Presence and bookkeeping frames carry nothing to account.

@@ -82,11 +82,18 @@ pub(crate) async fn serve(
                 loop {
                     ev.event.id = next_id;
                     next_id += 1;
-                    let f = frame(Body::Event(ev.event.clone()));
+                    // Encoded by reference and moved back: the event is
+                    // kept for redelivery until acknowledged, not cloned.
+                    let f = frame(Body::Event(std::mem::take(&mut ev.event)));
+                    let max = link.codec().max_frame;
+                    let fed = gw_protocol::frame::encode(&f, max, link.write_buffer_mut());
+                    if let Some(Body::Event(e)) = f.body {
+                        ev.event = e;
+                    }
                     inflight.insert(ev.event.id, ev);
                     metrics.events_inflight.fetch_add(1, Ordering::Relaxed);
                     batch += 1;
-                    if let Err(e) = link.feed(f).await {
+                    if let Err(e) = fed {
                         failed = Some(e.to_string());
                         break;
                     }
