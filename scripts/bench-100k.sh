@@ -67,6 +67,7 @@ after=0; for p in "${servers[@]}"; do after=$((after + $(rss "$p"))); done
 echo "connections open        $open (target $TOTAL, $GATEWAYS gateways + 1 worker)"
 echo "server rss KiB          $before -> $after (all gateways + worker)"
 awk -v b="$before" -v a="$after" -v n="$open" 'BEGIN { printf "server KiB/conn         %.2f\n", (a - b) / n }'
+awk -v b="$before" -v a="$after" -v n="$open" 'BEGIN { printf "{\"connections\": %d, \"server_kib_per_conn\": %.2f}\n", n, (a - b) / n }' >"$OUT/100k-summary.json"
 fail=0
 for g in "${gens[@]}"; do wait "$g" || fail=1; done
 grep -h "^result" "$OUT"/100k-gen-*.txt | sort | uniq -c
