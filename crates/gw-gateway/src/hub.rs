@@ -800,3 +800,55 @@ pub(crate) fn parse_session(b: &[u8]) -> Map<String, Value> {
         _ => Map::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        let id = GatewayId::new(0x0123_4567_89ab).expect("valid id");
+        Hub::new(id, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn queue_depth_gauges_count_what_waits_and_a_full_queue_closes_its_client() {
+        let hub = hub();
+        let limits = QueueLimits {
+            messages: 3,
+            bytes: 1 << 20,
+        };
+        let a = ClientShared::new(Wire::Ws, limits);
+        let b = ClientShared::new(Wire::Text, limits);
+        let (ida, idb) = (hub.add_client(a.clone()), hub.add_client(b.clone()));
+        for id in [ida, idb] {
+            hub.execute(Command::JoinGroup {
+                client_id: id,
+                group: "g".into(),
+            })
+            .unwrap();
+        }
+        let send = || {
+            hub.execute(Command::SendToGroups {
+                groups: vec!["g".into()],
+                payload: Payload::text("hi"),
+                exclude: vec![],
+            })
+            .unwrap()
+        };
+        assert_eq!(send(), 2);
+        assert_eq!(send(), 2);
+        // Each wire got its own encoding: "hi" as a WebSocket frame (4
+        // bytes) and as a line (3 bytes).
+        assert_eq!(hub.queue_depths(), (4, 2 * 4 + 2 * 3, 2));
+        let mut out = VecDeque::new();
+        assert_eq!(a.take(&mut out), (2, 8));
+        assert_eq!(&out[0][..], b"\x81\x02hi");
+        assert_eq!(hub.queue_depths(), (2, 6, 2));
+        // b's queue holds 3: the next two sends fill it, then overflow.
+        assert_eq!(send(), 2);
+        assert_eq!(send(), 1);
+        assert_eq!(b.close_code(), Some(codes::CLOSE_SLOW_CONSUMER));
+        assert_eq!(hub.metrics.slow_consumers.load(Ordering::Relaxed), 1);
+        assert_eq!(a.close_code(), None);
+    }
+}

@@ -85,6 +85,15 @@ async fn register_gateway_and_worker_expose_prometheus_metrics() -> anyhow::Resu
         "{g}"
     );
     assert!(g.contains("gateworker_gateway_worker_links 1"), "{g}");
+    // Queue depths (counted in hub unit tests): nothing waits once idle.
+    for gauge in [
+        "gateworker_gateway_client_queue_messages 0",
+        "gateworker_gateway_client_queue_bytes 0",
+        "gateworker_gateway_client_queue_max_messages 0",
+        "gateworker_gateway_link_queue_events 0",
+    ] {
+        assert!(g.contains(gauge), "{gauge} missing: {g}");
+    }
     let r = scrape(&reg_metrics).await;
     assert!(r.contains("gateworker_register_gateways 1"), "{r}");
     assert!(
