@@ -53,7 +53,7 @@ enum Cmd {
     Call { method: String, args: String },
 }
 
-async fn client(cli: &Cli) -> Result<GatewayClient, ClientError> {
+async fn client(cli: &Cli, tls: &gw_link::LinkTls) -> Result<GatewayClient, ClientError> {
     if let Some(api) = &cli.api {
         let key = cli.api_key.clone().unwrap_or_default();
         return Ok(GatewayClient::http(api, &key));
@@ -66,7 +66,7 @@ async fn client(cli: &Cli) -> Result<GatewayClient, ClientError> {
     GatewayClient::link_with(
         &cli.register,
         cli.secret.as_deref().unwrap_or_default(),
-        link_tls(cli)?,
+        tls.clone(),
     )
     .await
 }
@@ -81,7 +81,13 @@ fn link_tls(cli: &Cli) -> Result<gw_link::LinkTls, ClientError> {
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
-    let c = client(&cli).await?;
+    // Read once: used by the links and by `status`'s register query.
+    let tls = if cli.api.is_none() {
+        link_tls(&cli)?
+    } else {
+        gw_link::LinkTls::default()
+    };
+    let c = client(&cli, &tls).await?;
     match &cli.command {
         Cmd::Status => {
             let Some(h) = c.handle() else {
@@ -92,7 +98,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let secret = cli.secret.clone().unwrap_or_default();
             let status = gw_link::discovery::cluster_status_with(
                 &cli.register[0],
-                &link_tls(&cli)?,
+                &tls,
                 secret.as_bytes(),
                 std::time::Duration::from_secs(5),
             )

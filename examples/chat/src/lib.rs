@@ -72,19 +72,19 @@ impl Chat {
     /// `Some` if the request was one of the hot ones and was handled.
     async fn handle_fast(&self, ctx: &Context, text: &str) -> Option<Result<(), gw_worker::Error>> {
         let req: FastRequest<'_> = serde_json::from_str(text).ok()?;
-        let me = ctx.client_id;
-        let from = format!("\"{me}\"");
+        // Only the relayed kinds name the sender.
+        let from = || format!("\"{}\"", ctx.client_id);
         match req.kind {
             "echo" => Some(ctx.reply(splice("echo", &[], req.text)).await),
             "say" => {
                 let room_json = req.room?.get();
                 let room = raw_name(req.room)?;
-                let said = splice("said", &[("room", room_json), ("from", &from)], req.text);
+                let said = splice("said", &[("room", room_json), ("from", &from())], req.text);
                 Some(ctx.handle().send_to_group(&room, said, &[]).await)
             }
             "whisper" => {
                 let to = raw_name(req.to)?;
-                let w = splice("whisper", &[("from", &from)], req.text);
+                let w = splice("whisper", &[("from", &from())], req.text);
                 Some(ctx.handle().send_to_uid(&to, w).await)
             }
             _ => None,

@@ -151,10 +151,14 @@ impl Conn {
     /// the queue's limits bound what waits) and written too, a few rounds at
     /// most before yielding to other tasks.
     fn poll_write_out(&mut self, cx: &mut Context<'_>, take: bool) -> Poll<io::Result<()>> {
+        // Whether the client's queue was seen empty (then a later push
+        // wakes us) rather than the rounds running out.
+        let mut queue_empty = !take;
         for _ in 0..4 {
             if take && self.out.is_empty() {
                 let (frames, bytes) = self.shared.take(&mut self.out);
                 if frames == 0 {
+                    queue_empty = true;
                     break;
                 }
                 self.metrics
@@ -184,9 +188,9 @@ impl Conn {
                 break;
             }
         }
-        if take && self.shared.depth().0 > 0 {
-            // Still more: come back after others had a turn (a push will
-            // not wake us, the queue was not empty).
+        if !queue_empty {
+            // Maybe more: come back after others had a turn (a push will
+            // not wake us, the queue may not have been empty).
             cx.waker().wake_by_ref();
         }
         if self.out.capacity() > KEEP_OUT_CAPACITY {
@@ -221,12 +225,9 @@ impl Conn {
             if let Poll::Ready(v) = Pin::new(&mut fut).poll(cx) {
                 return Poll::Ready(Some(v));
             }
+            // Anything the socket reports (a tick too: heartbeats are the
+            // caller's) goes back with the future.
             match self.poll_io(cx, None) {
-                Poll::Ready(IoEvent::Tick) => {
-                    // Heartbeats are the caller's; re-poll right away.
-                    ended = Some(IoEvent::Tick);
-                    Poll::Ready(None)
-                }
                 Poll::Ready(ev) => {
                     ended = Some(ev);
                     Poll::Ready(None)
