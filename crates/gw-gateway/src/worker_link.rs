@@ -9,7 +9,7 @@
 //! every event still queued for it, is routed again to another worker —
 //! the former flagged `redelivered` (at-least-once delivery).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +63,7 @@ pub(crate) async fn serve(
     }
 
     let window = cfg.worker_inflight.max(1);
-    let mut inflight: BTreeMap<u64, RoutedEvent> = BTreeMap::new();
+    let mut inflight = Inflight::default();
     let mut next_id: u64 = 1;
     let mut last_heard = Instant::now();
     let heartbeat = cfg.link_heartbeat();
@@ -90,7 +90,7 @@ pub(crate) async fn serve(
                     if let Some(Body::Event(e)) = f.body {
                         ev.event = e;
                     }
-                    inflight.insert(ev.event.id, ev);
+                    inflight.push(ev.event.id, ev);
                     metrics.events_inflight.fetch_add(1, Ordering::Relaxed);
                     batch += 1;
                     if let Err(e) = fed {
@@ -213,7 +213,7 @@ pub(crate) async fn serve(
         .events_inflight
         .fetch_sub(inflight.len() as u64, Ordering::Relaxed);
     let mut pending: Vec<RoutedEvent> = inflight
-        .into_values()
+        .into_events()
         .map(|mut ev| {
             ev.event.redelivered = true;
             ev
@@ -280,7 +280,7 @@ async fn handle_frame(
     peer: &Peer,
     slot: &WorkerSlot,
     f: pb::LinkFrame,
-    inflight: &mut BTreeMap<u64, RoutedEvent>,
+    inflight: &mut Inflight,
     link: &mut FramedLink,
     applied: &mut usize,
 ) -> Result<Option<LinkEnd>, String> {
@@ -288,7 +288,7 @@ async fn handle_frame(
     match f.body {
         Some(Body::Ack(a)) => {
             for id in a.ids {
-                if let Some(ev) = inflight.remove(&id) {
+                if let Some(ev) = inflight.remove(id) {
                     ev.flow.done();
                     metrics.events_inflight.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -387,4 +387,103 @@ async fn handle_frame(
         }
     }
     Ok(None)
+}
+
+/// Events sent on a link and not yet acknowledged, by id.
+///
+/// Ids are given out in sequence and mostly acknowledged in order, so a
+/// ring indexed by `id - first` does what a map would without a node
+/// allocation and rebalancing per event; a hole stays until the events
+/// before it are acknowledged.
+#[derive(Default)]
+struct Inflight {
+    /// Id of `slots[0]`.
+    first: u64,
+    slots: VecDeque<Option<RoutedEvent>>,
+    len: usize,
+}
+
+impl Inflight {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `id` must follow the last one pushed (ids are sequential per link).
+    fn push(&mut self, id: u64, ev: RoutedEvent) {
+        if self.slots.is_empty() {
+            self.first = id;
+        }
+        debug_assert_eq!(id, self.first + self.slots.len() as u64);
+        self.slots.push_back(Some(ev));
+        self.len += 1;
+    }
+
+    /// The event with `id`, if it is still unacknowledged (acks for
+    /// unknown or already acknowledged ids are ignored).
+    fn remove(&mut self, id: u64) -> Option<RoutedEvent> {
+        let index = usize::try_from(id.checked_sub(self.first)?).ok()?;
+        let ev = self.slots.get_mut(index)?.take()?;
+        self.len -= 1;
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.first += 1;
+        }
+        Some(ev)
+    }
+
+    /// What is left, oldest first.
+    fn into_events(self) -> impl Iterator<Item = RoutedEvent> {
+        self.slots.into_iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routed(id: u64) -> RoutedEvent {
+        RoutedEvent {
+            seq: id,
+            event: pb::Event {
+                id,
+                ..Default::default()
+            },
+            flow: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn inflight_acks_in_any_order_and_keeps_the_rest_oldest_first() {
+        let mut inflight = Inflight::default();
+        for id in 10..20 {
+            inflight.push(id, routed(id));
+        }
+        assert_eq!(inflight.len(), 10);
+        // Out of order, a duplicate, and ids never sent.
+        assert_eq!(inflight.remove(12).map(|e| e.event.id), Some(12));
+        assert!(inflight.remove(12).is_none());
+        assert!(inflight.remove(9).is_none());
+        assert!(inflight.remove(20).is_none());
+        assert!(inflight.remove(u64::MAX).is_none());
+        assert_eq!(inflight.remove(10).map(|e| e.event.id), Some(10));
+        assert_eq!(inflight.remove(11).map(|e| e.event.id), Some(11));
+        // 10..=12 acknowledged: the ring starts at 13 now.
+        assert_eq!(inflight.first, 13);
+        assert_eq!(inflight.len(), 7);
+        inflight.push(20, routed(20));
+        assert_eq!(inflight.remove(19).map(|e| e.event.id), Some(19));
+        let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
+        assert_eq!(left, vec![13, 14, 15, 16, 17, 18, 20]);
+    }
+
+    #[test]
+    fn inflight_restarts_at_the_next_id_when_empty() {
+        let mut inflight = Inflight::default();
+        inflight.push(1, routed(1));
+        assert!(inflight.remove(1).is_some());
+        assert_eq!(inflight.len(), 0);
+        inflight.push(2, routed(2));
+        assert!(inflight.remove(1).is_none());
+        assert_eq!(inflight.remove(2).map(|e| e.event.id), Some(2));
+    }
 }

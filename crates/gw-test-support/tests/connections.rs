@@ -436,3 +436,75 @@ async fn text_listener_backend_pushes_to_a_uid() -> anyhow::Result<()> {
     c.stop().await;
     Ok(())
 }
+
+/// Holds every message starting with "hold" until released; replies to
+/// each message with its own text once handled.
+#[derive(Clone)]
+struct Gate {
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl EventHandler for Gate {
+    async fn on_message(&self, ctx: &mut Context, msg: Payload) {
+        let text = msg.as_text().unwrap_or_default().to_string();
+        if text.starts_with("hold") {
+            self.release.acquire().await.unwrap().forget();
+        }
+        ctx.reply(text).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_handler_holds_up_only_its_own_client_and_order_is_kept() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1).await?;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    c.add_worker(Gate {
+        release: release.clone(),
+    })
+    .await?;
+    let url = &c.gateways[0].ws_url;
+    // Two clients held at once (more waiting hooks than idle runners at
+    // first), each with messages queued behind the held one.
+    let mut held = Vec::new();
+    for name in ["a", "b"] {
+        let mut ws = WsClient::connect(url).await?;
+        ws.send_text(&format!("hold-{name}")).await?;
+        for i in 0..20 {
+            ws.send_text(&format!("{name}{i}")).await?;
+        }
+        held.push(ws);
+    }
+    // Meanwhile many other clients are served, in order, without waiting.
+    for round in 0..3 {
+        let mut free = Vec::new();
+        for _ in 0..20 {
+            free.push(WsClient::connect(url).await?);
+        }
+        for (n, ws) in free.iter_mut().enumerate() {
+            for i in 0..5 {
+                ws.send_text(&format!("r{round}c{n}m{i}")).await?;
+            }
+        }
+        for (n, ws) in free.iter_mut().enumerate() {
+            for i in 0..5 {
+                let got = ws.recv(Duration::from_secs(5)).await?;
+                assert_eq!(got.to_text()?, format!("r{round}c{n}m{i}"));
+            }
+        }
+    }
+    for ws in &mut held {
+        ws.expect_silence(Duration::from_millis(200)).await?;
+    }
+    // Released: each held client gets its messages, in the order sent.
+    release.add_permits(2);
+    for (ws, name) in held.iter_mut().zip(["a", "b"]) {
+        let got = ws.recv(Duration::from_secs(5)).await?;
+        assert_eq!(got.to_text()?, format!("hold-{name}"));
+        for i in 0..20 {
+            let got = ws.recv(Duration::from_secs(5)).await?;
+            assert_eq!(got.to_text()?, format!("{name}{i}"));
+        }
+    }
+    c.stop().await;
+    Ok(())
+}

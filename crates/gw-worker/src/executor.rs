@@ -1,10 +1,17 @@
 //! Runs handler hooks: one client's events one at a time and in order,
 //! different clients' concurrently.
 //!
-//! No task waits per idle client: a client has a queue only while it has
-//! events to handle, and one runner task drains it and then exits. The
-//! number of events held here is bounded by the gateways' in-flight window
-//! (they stop sending until we acknowledge).
+//! Hooks run on a small pool of runner tasks that outlive the events they
+//! handle. Spawning a task per event cost an allocation of the whole hook
+//! future (about 3 KiB with the chat demo's handler) and several copies of
+//! it per event; a parked runner is woken instead. The pool grows while
+//! every runner is busy (a hook awaiting a query must not hold up other
+//! clients) and shrinks back to [`IDLE_RUNNERS`] when the burst is over.
+//!
+//! A client has a queue only while it has events to handle, and whichever
+//! runner took its first event drains it, which keeps the client's order.
+//! The number of events held here is bounded by the gateways' in-flight
+//! window (they stop sending until we acknowledge).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -16,12 +23,14 @@ use gw_link::frame;
 use gw_protocol::pb::{self, link_frame::Body};
 use gw_protocol::{ClientId, Event, EventKind};
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::handle::Handle;
 use crate::handler::{CloseInfo, Context, EventHandler, HandshakeDecision};
 use crate::session::Session;
+
+/// Runners kept parked after a burst; more than this exit when idle.
+const IDLE_RUNNERS: usize = 32;
 
 /// One event and where to acknowledge it.
 pub(crate) struct Job {
@@ -30,12 +39,30 @@ pub(crate) struct Job {
     pub(crate) ack: mpsc::Sender<pb::LinkFrame>,
 }
 
+#[derive(Default)]
+struct Schedule {
+    /// Clients with an event running or waiting, and their later events.
+    busy: HashMap<ClientId, VecDeque<Job>>,
+    /// First events of clients that no runner has taken yet.
+    ready: VecDeque<Job>,
+    /// Runners parked on `wake`, not counting those already given a permit.
+    idle: usize,
+    /// Runners alive.
+    runners: usize,
+    /// A runner was woken or spawned and has not looked at `ready` yet; it
+    /// wakes the next one if there is more, so a burst of events wakes
+    /// runners one by one as they are needed rather than all at once.
+    waking: bool,
+}
+
 pub(crate) struct Executor<H> {
     handler: Arc<H>,
     handle: Handle,
     metrics: Arc<crate::WorkerMetrics>,
-    queues: Mutex<HashMap<ClientId, VecDeque<Job>>>,
-    pub(crate) tracker: TaskTracker,
+    schedule: Mutex<Schedule>,
+    /// One permit per parked runner asked to look at `ready`. A semaphore
+    /// rather than `Notify` because permits add up; closed on shutdown.
+    wake: Semaphore,
 }
 
 impl<H: EventHandler> Executor<H> {
@@ -48,19 +75,25 @@ impl<H: EventHandler> Executor<H> {
             handler,
             handle,
             metrics,
-            queues: Mutex::new(HashMap::new()),
-            tracker: TaskTracker::new(),
+            schedule: Mutex::new(Schedule::default()),
+            wake: Semaphore::new(0),
         })
     }
 
     /// Nothing queued or running.
     pub(crate) fn is_idle(&self) -> bool {
-        self.queues.lock().is_empty()
+        self.schedule.lock().busy.is_empty()
+    }
+
+    /// Parked runners exit; a job submitted later still runs (on a runner
+    /// spawned for it, which exits afterwards).
+    pub(crate) fn close(&self) {
+        self.wake.close();
     }
 
     pub(crate) fn submit(self: &Arc<Self>, job: Job) {
-        let client = job.event.client_id;
-        match self.queues.lock().entry(client) {
+        let mut sched = self.schedule.lock();
+        match sched.busy.entry(job.event.client_id) {
             Entry::Occupied(mut q) => {
                 q.get_mut().push_back(job);
                 return;
@@ -69,19 +102,93 @@ impl<H: EventHandler> Executor<H> {
                 v.insert(VecDeque::new());
             }
         }
-        let this = self.clone();
-        self.tracker
-            .spawn(async move { this.drain(client, job).await });
+        sched.ready.push_back(job);
+        self.wake_runner(&mut sched);
     }
 
-    async fn drain(self: Arc<Self>, client: ClientId, mut job: Job) {
+    /// Make sure some runner will look at `ready` (called with it non-empty).
+    fn wake_runner(self: &Arc<Self>, sched: &mut Schedule) {
+        let closed = self.wake.is_closed();
+        if sched.waking && !closed {
+            return;
+        }
+        sched.waking = true;
+        if sched.idle > 0 && !closed {
+            sched.idle -= 1;
+            self.wake.add_permits(1);
+        } else {
+            sched.runners += 1;
+            let this = self.clone();
+            tokio::spawn(async move { this.runner().await });
+        }
+    }
+
+    /// Take the next first event, waking another runner if more wait.
+    fn take_ready(self: &Arc<Self>, sched: &mut Schedule) -> Option<Job> {
+        let job = sched.ready.pop_front()?;
+        if !sched.ready.is_empty() {
+            self.wake_runner(sched);
+        }
+        Some(job)
+    }
+
+    async fn runner(self: Arc<Self>) {
+        let mut woken = true;
+        loop {
+            // Under one lock from looking at `ready` to counting ourselves
+            // idle: a job submitted meanwhile then finds this runner idle
+            // (and wakes it), or none idle (and spawns one), so no job waits
+            // for a runner that left.
+            let job = {
+                let mut sched = self.schedule.lock();
+                if woken {
+                    sched.waking = false;
+                }
+                match self.take_ready(&mut sched) {
+                    Some(job) => Some(job),
+                    None if sched.runners > IDLE_RUNNERS || self.wake.is_closed() => {
+                        sched.runners -= 1;
+                        return;
+                    }
+                    None => {
+                        sched.idle += 1;
+                        None
+                    }
+                }
+            };
+            match job {
+                Some(job) => {
+                    woken = false;
+                    self.drain_client(job).await;
+                }
+                None => match self.wake.acquire().await {
+                    Ok(permit) => {
+                        permit.forget();
+                        woken = true;
+                    }
+                    Err(_) => {
+                        // Closed: leave, uncounting ourselves as idle unless
+                        // a submit already did.
+                        let mut sched = self.schedule.lock();
+                        sched.idle = sched.idle.saturating_sub(1);
+                        sched.runners -= 1;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Run `job`, then the client's events queued meanwhile, in order.
+    async fn drain_client(&self, mut job: Job) {
+        let client = job.event.client_id;
         loop {
             self.run_one(job).await;
-            let mut queues = self.queues.lock();
-            match queues.get_mut(&client).and_then(VecDeque::pop_front) {
+            let mut sched = self.schedule.lock();
+            match sched.busy.get_mut(&client).and_then(VecDeque::pop_front) {
                 Some(next) => job = next,
                 None => {
-                    queues.remove(&client);
+                    sched.busy.remove(&client);
                     return;
                 }
             }

@@ -369,6 +369,7 @@ impl WorkerBuilder {
                 handler.on_stop(&handle).await;
                 discovery_stop.cancel();
                 links_stop.cancel();
+                executor.close();
                 // Give link actors a moment to flush acks and close.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 tracing::info!(worker = %node_id, "worker stopped");
