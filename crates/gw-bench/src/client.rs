@@ -8,15 +8,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::proto::Inbound;
-
-pub type Ws = WebSocketStream<TcpStream>;
+pub use crate::ws::Ws;
 
 /// How long a single connection may take from TCP connect to `welcome`.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -189,9 +185,25 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Small per-connection buffers: the default 128 KiB read buffer would cost
-/// ~12 GiB at 100k connections. Writes still batch up to `write` bytes
-/// between flushes, which is all a window of small frames needs.
+/// Per-connection buffer sizes of the generator's client.
+#[derive(Debug, Clone, Copy)]
+pub struct WsOpts {
+    /// Bytes fetched per read.
+    pub read_buffer: usize,
+    /// Write buffer capacity kept between bursts.
+    pub write_buffer: usize,
+}
+
+pub fn ws_opts(read: usize, write: usize) -> WsOpts {
+    WsOpts {
+        read_buffer: read,
+        write_buffer: write,
+    }
+}
+
+/// Server-side (`gw-bench serve`) buffers: the default 128 KiB read buffer
+/// would cost ~12 GiB at 100k connections. Writes still batch up to `write`
+/// bytes between flushes, which is all a window of small frames needs.
 pub fn ws_config(read: usize, write: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(read.max(256))
@@ -202,12 +214,7 @@ pub fn ws_config(read: usize, write: usize) -> WebSocketConfig {
 /// Open a TCP connection for client `i` from source address `i % N`
 /// (explicitly bound, so each address has its own ports) and do the
 /// WebSocket handshake.
-pub async fn connect(
-    target: &Target,
-    sources: &Sources,
-    i: usize,
-    cfg: WebSocketConfig,
-) -> Result<Ws> {
+pub async fn connect(target: &Target, sources: &Sources, i: usize, opts: WsOpts) -> Result<Ws> {
     let k = i % sources.ips.len();
     let mut last_err = None;
     let mut tcp = None;
@@ -248,25 +255,27 @@ pub async fn connect(
     };
     // Frames are small and latency is what we measure: no Nagle delay.
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
-    let (ws, _resp) =
-        tokio_tungstenite::client_async_with_config(target.url.as_str(), tcp, Some(cfg))
-            .await
-            .with_context(|| format!("websocket handshake with {}", target.url))?;
-    Ok(ws)
+    let rest = &target.url["ws://".len()..];
+    let (host, path) = match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    Ws::handshake(
+        tcp,
+        host,
+        &path,
+        opts.read_buffer,
+        opts.write_buffer,
+        i as u64 ^ now_ns().rotate_left(32),
+    )
+    .await
+    .with_context(|| format!("websocket handshake with {}", target.url))
 }
 
 /// Next text frame; pings/pongs are skipped, anything else is an error.
-pub async fn next_text(ws: &mut Ws) -> Result<tokio_tungstenite::tungstenite::Utf8Bytes> {
-    loop {
-        match ws.next().await {
-            None => bail!("server closed the connection"),
-            Some(Err(e)) => return Err(e).context("websocket read"),
-            Some(Ok(Message::Text(t))) => return Ok(t),
-            Some(Ok(Message::Close(c))) => bail!("server closed the connection: {c:?}"),
-            Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame"),
-            Some(Ok(_)) => {}
-        }
-    }
+pub async fn next_text(ws: &mut Ws) -> Result<String> {
+    ws.next_text().await
 }
 
 /// Wait for the server's `welcome` and return the client id.
@@ -284,10 +293,9 @@ pub async fn expect_welcome(ws: &mut Ws) -> Result<String> {
 /// Send `frames` (already-built text) and flush them as one write.
 pub async fn send_all(ws: &mut Ws, frames: impl IntoIterator<Item = String>) -> Result<()> {
     for f in frames {
-        ws.feed(Message::text(f)).await.context("websocket write")?;
+        ws.feed_text(&f);
     }
-    ws.flush().await.context("websocket flush")?;
-    Ok(())
+    ws.flush().await
 }
 
 /// Close politely (so the server, not us, holds TIME_WAIT) but never wait
@@ -295,8 +303,9 @@ pub async fn send_all(ws: &mut Ws, frames: impl IntoIterator<Item = String>) -> 
 pub async fn close_quietly(mut ws: Ws, farewell: Vec<String>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = send_all(&mut ws, farewell).await;
-        let _ = ws.close(None).await;
-        while let Some(Ok(_)) = ws.next().await {}
+        let _ = ws.close().await;
+        // Until the server's close or EOF (both end next_text with an error).
+        while ws.next_text().await.is_ok() {}
     })
     .await;
 }

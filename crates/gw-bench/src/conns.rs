@@ -7,17 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::ConnsArgs;
-use crate::client::{self, Sources, Target, Ws};
+use crate::client::{self, Sources, Target, Ws, WsOpts};
 use crate::report::Report;
 use crate::stats::Histogram;
+use crate::ws::Next;
 
 enum Event {
     Connected,
@@ -35,14 +33,24 @@ struct HoldResult {
 /// Returns why the connection ended; only returns if the server dropped it.
 async fn watch_for_drop(ws: &mut Ws) -> String {
     loop {
-        match ws.next().await {
-            None => return "closed by the server while held".into(),
-            Some(Err(e)) => return format!("read error while held: {e}"),
-            Some(Ok(Message::Close(c))) => {
-                return format!("closed by the server while held: {c:?}")
+        loop {
+            match ws.next_message() {
+                Err(e) => return format!("protocol error while held: {e:#}"),
+                Ok(None) => break,
+                Ok(Some(Next::Closed(code, reason))) => {
+                    return format!("closed by the server while held: code {code:?} {reason:?}")
+                }
+                // Anything else (a broadcast) is harmless for an idle client.
+                Ok(Some(Next::Text(t))) => ws.consume(t),
+                Ok(Some(Next::Binary)) => {}
             }
-            // Anything else (a ping, a broadcast) is harmless for an idle client.
-            Some(Ok(_)) => {}
+        }
+        // Answers to pings, if any were read.
+        if let Err(e) = ws.flush().await {
+            return format!("write error while held: {e:#}");
+        }
+        if let Err(e) = ws.read_more().await {
+            return format!("{e:#} while held");
         }
     }
 }
@@ -51,7 +59,7 @@ async fn hold_task(
     target: Target,
     sources: Arc<Sources>,
     i: usize,
-    cfg: WebSocketConfig,
+    cfg: WsOpts,
     permit: OwnedSemaphorePermit,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
@@ -105,7 +113,7 @@ pub async fn run_conns(a: &ConnsArgs) -> Result<Report> {
     }
     let sources = Arc::new(Sources::new(common.source_ips, &targets)?);
     sources.check_capacity(a.count)?;
-    let cfg = client::ws_config(common.read_buffer, common.write_buffer);
+    let cfg = client::ws_opts(common.read_buffer, common.write_buffer);
     let n = a.count;
     // Read once up front so a wrong pid fails before any load is sent.
     let pids = &common.pids;

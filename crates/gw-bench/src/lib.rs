@@ -14,6 +14,7 @@ pub mod proto;
 pub mod report;
 pub mod server;
 pub mod stats;
+pub mod ws;
 
 pub use conns::run_conns;
 pub use load::{run_echo, run_fanout, run_whisper};

@@ -13,22 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::cli::{CommonOpts, EchoArgs, FanoutArgs, WhisperArgs};
-use crate::client::{self, now_ns, Sources, Target, Ws, WELCOME_TIMEOUT};
+use crate::client::{self, now_ns, Sources, Target, Ws, WsOpts, WELCOME_TIMEOUT};
 use crate::proto::{self, Inbound, Payload};
 use crate::report::Report;
 use crate::stats::{Histogram, SeqCounts, SeqTracker};
-
-/// Most frames handled per wake-up before the window is refilled.
-const DRAIN_BATCH: usize = 64;
+use crate::ws::Next;
 
 /// What one connection does.
 #[derive(Debug, Clone)]
@@ -74,7 +69,7 @@ enum Event {
 struct Shared {
     targets: Vec<Target>,
     sources: Sources,
-    cfg: WebSocketConfig,
+    cfg: WsOpts,
     spec: Spec,
     acks: Vec<AckCell>,
     events: mpsc::UnboundedSender<Event>,
@@ -146,20 +141,22 @@ impl Acct {
         }
     }
 
-    fn on_message(
-        &mut self,
-        plan: &Plan,
-        sh: &Shared,
-        msg: Option<Result<Message, WsError>>,
-    ) -> Result<()> {
-        match msg {
-            None => bail!("server closed the connection"),
-            Some(Err(e)) => Err(e).context("websocket read"),
-            Some(Ok(Message::Text(t))) => self.on_frame(plan, sh, t.as_str()),
-            Some(Ok(Message::Close(c))) => bail!("server closed the connection: {c:?}"),
-            Some(Ok(Message::Binary(_))) => bail!("unexpected binary frame"),
-            Some(Ok(_)) => Ok(()),
+    /// Handle every complete message already read.
+    fn on_messages(&mut self, plan: &Plan, sh: &Shared, ws: &mut Ws) -> Result<()> {
+        while let Some(next) = ws.next_message()? {
+            match next {
+                Next::Text(t) => {
+                    let r = self.on_frame(plan, sh, ws.text(&t));
+                    ws.consume(t);
+                    r?;
+                }
+                Next::Closed(code, reason) => {
+                    bail!("server closed the connection: code {code:?} {reason:?}")
+                }
+                Next::Binary => bail!("unexpected binary frame"),
+            }
         }
+        Ok(())
     }
 
     fn counts(&self) -> SeqCounts {
@@ -223,13 +220,15 @@ async fn drive(
     let my_ack = &sh.acks[i];
     let acct = &mut st.acct;
     let mut reported = false;
+    // Frames read together with the setup replies.
+    acct.on_messages(plan, sh, ws)?;
+    let mut f = String::new();
     loop {
         if let Some(prefix) = &plan.send {
-            let mut fed = false;
             while acct.sent < to_send
                 && acct.sent - my_ack.acked.load(Ordering::Acquire) < sh.spec.window
             {
-                let mut f = String::with_capacity(prefix.len() + sh.spec.payload + 48);
+                f.clear();
                 f.push_str(prefix);
                 let p = Payload {
                     sender: plan.idx,
@@ -238,16 +237,13 @@ async fn drive(
                 };
                 proto::encode_payload(&mut f, p, sh.spec.payload);
                 f.push('}');
-                ws.feed(Message::text(f)).await.context("websocket write")?;
+                ws.feed_text(&f);
                 acct.sent += 1;
-                fed = true;
-            }
-            // One flush per burst: the window goes out in as few writes as
-            // the write buffer allows.
-            if fed {
-                ws.flush().await.context("websocket flush")?;
             }
         }
+        // One write per burst: the whole window at once (and pongs, if
+        // the server pinged).
+        ws.flush().await?;
         if !reported && acct.sent == to_send && acct.distinct == expected {
             reported = true;
             let _ = sh.events.send(Event::Complete);
@@ -256,15 +252,12 @@ async fn drive(
         let wait_remote = plan.ack_remote && acct.sent < to_send;
         tokio::select! {
             biased;
-            msg = ws.next() => {
-                acct.on_message(plan, sh, msg)?;
-                // Handle frames that are already buffered before sending
+            r = ws.read_more() => {
+                r?;
+                // Everything one read fetched is handled before sending
                 // again: a burst of acknowledgements then refills the window
                 // with one write instead of one write per frame.
-                for _ in 1..DRAIN_BATCH {
-                    let Some(msg) = ws.next().now_or_never() else { break };
-                    acct.on_message(plan, sh, msg)?;
-                }
+                acct.on_messages(plan, sh, ws)?;
             }
             _ = my_ack.notify.notified(), if wait_remote => {}
         }
@@ -383,7 +376,7 @@ pub async fn execute(
     let sh = Arc::new(Shared {
         targets,
         sources,
-        cfg: client::ws_config(common.read_buffer, common.write_buffer),
+        cfg: client::ws_opts(common.read_buffer, common.write_buffer),
         spec,
         acks: (0..n).map(|_| AckCell::default()).collect(),
         events: ev_tx,

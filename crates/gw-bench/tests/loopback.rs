@@ -5,7 +5,7 @@
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use gw_bench::cli::{Cli, Command};
-use gw_bench::client::{self, ws_config};
+use gw_bench::client::{self, ws_opts};
 use gw_bench::proto::{self, Inbound};
 use gw_bench::Report;
 use tokio::net::TcpListener;
@@ -208,7 +208,7 @@ async fn serve_speaks_the_protocol() {
     let url = start_server().await;
     let target = client::parse_target(&url).unwrap();
     let sources = client::Sources::new(1, std::slice::from_ref(&target)).unwrap();
-    let cfg = ws_config(4096, 4096);
+    let cfg = ws_opts(4096, 4096);
     let mut a = client::connect(&target, &sources, 0, cfg).await.unwrap();
     let mut b = client::connect(&target, &sources, 1, cfg).await.unwrap();
     let a_id = client::expect_welcome(&mut a).await.unwrap();
@@ -216,7 +216,7 @@ async fn serve_speaks_the_protocol() {
     assert_ne!(a_id, b_id);
 
     async fn ask(ws: &mut client::Ws, frame: &str) -> serde_json::Value {
-        ws.send(Message::text(frame.to_string())).await.unwrap();
+        client::send_all(ws, [frame.to_string()]).await.unwrap();
         recv(ws).await
     }
     async fn recv(ws: &mut client::Ws) -> serde_json::Value {
@@ -235,9 +235,10 @@ async fn serve_speaks_the_protocol() {
     );
 
     // say reaches every member, sender included, text verbatim.
-    a.send(Message::text(
-        r#"{"type":"say","room":"room","text":{"k":[1,2]}}"#,
-    ))
+    client::send_all(
+        &mut a,
+        [r#"{"type":"say","room":"room","text":{"k":[1,2]}}"#.to_string()],
+    )
     .await
     .unwrap();
     let want = serde_json::json!({"type":"said","room":"room","from":a_id,"text":{"k":[1,2]}});
@@ -247,9 +248,10 @@ async fn serve_speaks_the_protocol() {
     // login + whisper
     let v = ask(&mut b, &proto::login_frame("bob")).await;
     assert_eq!(v, serde_json::json!({"type":"logged_in","uid":"bob"}));
-    a.send(Message::text(
-        r#"{"type":"whisper","to":"bob","text":"hi"}"#,
-    ))
+    client::send_all(
+        &mut a,
+        [r#"{"type":"whisper","to":"bob","text":"hi"}"#.to_string()],
+    )
     .await
     .unwrap();
     assert_eq!(
@@ -273,7 +275,7 @@ async fn serve_speaks_the_protocol() {
     ask(&mut a, &proto::join_frame("room")).await;
 
     // Closing b tells the rest of the room.
-    b.close(None).await.unwrap();
+    b.close().await.unwrap();
     let v = recv(&mut a).await;
     assert_eq!(
         v,
