@@ -300,9 +300,25 @@ pub async fn send_all(ws: &mut Ws, frames: impl IntoIterator<Item = String>) -> 
 
 /// Close politely (so the server, not us, holds TIME_WAIT) but never wait
 /// long: the run is over and the figures are already taken.
+///
+/// `farewell` frames (room leaves) go first, and their replies are awaited
+/// before the close: a client that closes while still in a room makes the
+/// chat server tell every other member (`gone`), and 10,000 members
+/// closing at once would then queue 10,000 × 10,000 notices.
 pub async fn close_quietly(mut ws: Ws, farewell: Vec<String>) {
+    let replies = farewell.len();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = send_all(&mut ws, farewell).await;
+        if send_all(&mut ws, farewell).await.is_err() {
+            return;
+        }
+        let mut seen = 0;
+        while seen < replies {
+            match ws.next_text().await {
+                Ok(t) if Inbound::parse(&t).is_ok_and(|m| m.kind == "left") => seen += 1,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
         let _ = ws.close().await;
         // Until the server's close or EOF (both end next_text with an error).
         while ws.next_text().await.is_ok() {}
