@@ -261,11 +261,18 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // Pin the latency epoch before anything is stamped.
     client::now_ns();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.threads.max(1))
-        .enable_all()
-        .build()
-    {
+    // One thread = the current-thread scheduler: its run queue is
+    // unbounded and in wake order, where a one-worker multi-thread runtime
+    // would move all but 256 of the connections a burst wakes to a queue
+    // it polls rarely (which showed as a tail of tens of milliseconds).
+    let mut builder = if cli.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cli.threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gw-bench: cannot start runtime: {e}");

@@ -84,20 +84,33 @@ pub fn init_logging(json: bool, level: &str) -> LogControl {
     LogControl(handle)
 }
 
-/// Runs `main` on a multi-thread runtime (`GW_THREADS` worker threads, by
+/// Runs `main` on a tokio runtime with `GW_THREADS` worker threads (by
 /// default one per core).
+///
+/// `GW_THREADS=1` gives a current-thread runtime rather than a
+/// multi-thread one with one worker: the multi-thread scheduler keeps at
+/// most 256 woken tasks in its local queue and moves the rest to a shared
+/// queue it visits only every few dozen polls, so when one fan-out wakes
+/// a thousand connections some of them waited for many rounds (tens of
+/// milliseconds). The current-thread queue is unbounded and strictly in
+/// wake order.
 pub fn run<F>(name: &str, main: F) -> ExitCode
 where
     F: Future<Output = ExitCode>,
 {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("GW_THREADS")
+    let threads = std::env::var("GW_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        rt.worker_threads(n);
-    }
+        .filter(|n| *n > 0);
+    let mut rt = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     match rt.enable_all().build() {
         Ok(rt) => rt.block_on(main),
         Err(e) => {

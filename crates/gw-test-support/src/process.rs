@@ -21,6 +21,11 @@ pub struct Proc {
 impl Proc {
     /// Spawns `bin` with `args`, its output going to the test's stderr.
     pub fn spawn(bin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with_env(bin, args, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let path = bin_path(bin);
         if !path.exists() {
             anyhow::bail!(
@@ -35,6 +40,7 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .spawn()?;
         Ok(Proc {
             child,
