@@ -2,7 +2,11 @@
 """Draws docs/img/growth.png from the JSON reports of scripts/bench.sh
 (growth-room-*.json) and scripts/bench-100k.sh / conns runs.
 
-    pip install matplotlib && python3 scripts/plot_growth.py [target/bench]
+    pip install matplotlib && python3 scripts/plot_growth.py [DIR[=LABEL] ...]
+
+Each DIR (default target/bench) is one series on the rate plot, e.g. the
+reports of `scripts/bench.sh` and of `GWT= WT= scripts/bench.sh` copied
+aside; memory comes from the first DIR.
 """
 import json
 import sys
@@ -13,13 +17,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-bench = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
-sizes, rates = [], []
-for size in (10, 100, 1000, 10000):
-    f = bench / f"growth-room-{size}.json"
-    if f.exists():
-        sizes.append(size)
-        rates.append(json.loads(f.read_text())["deliveries_per_sec"] / 1000)
+args = sys.argv[1:] or ["target/bench"]
+series = []
+for arg in args:
+    path, _, label = arg.partition("=")
+    sizes, rates = [], []
+    for size in (10, 100, 1000, 10000):
+        f = Path(path) / f"growth-room-{size}.json"
+        if f.exists():
+            sizes.append(size)
+            rates.append(json.loads(f.read_text())["deliveries_per_sec"] / 1000)
+    series.append((label or path, sizes, rates))
+bench = Path(args[0].partition("=")[0])
 
 # Idle memory per connection (gateway + worker) from the conns runs.
 mem = [(10_000, None), (100_000, None)]
@@ -29,9 +38,12 @@ for i, (n, _) in enumerate(mem):
         mem[i] = (n, json.loads(f.read_text()).get("server_kib_per_conn"))
 
 fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-a.plot(sizes, rates, "o-")
+for label, sizes, rates in series:
+    a.plot(sizes, rates, "o-", label=label)
 a.set_xscale("log")
-a.set_ylim(0, max(rates or [1]) * 1.2)
+a.set_ylim(0, max([r for _, _, rs in series for r in rs] or [1]) * 1.2)
+if len(series) > 1:
+    a.legend(loc="lower right")
 a.set_xlabel("room size (members)")
 a.set_ylabel("deliveries/s (thousands)")
 a.set_title("fan-out rate vs room size")

@@ -134,7 +134,7 @@ RULES = [
     run(PUSH, r"^gw-gateway --register "),
     run(PUSH, r"^curl -sS \"\$GW_API_URL/"),
     # benchmarks.md
-    shape(BENCH, r"^scripts/bench\.sh\b", "builds release and runs minutes of load; the generator is tested by crates/gw-bench/tests/loopback.rs"),
+    shape(BENCH, r"^((RUNS|GWT|WT)=\S* )+scripts/bench\.sh\b", "builds release and runs minutes of load; the generator is tested by crates/gw-bench/tests/loopback.rs"),
     shape(BENCH, r"^scripts/bench-100k\.sh\b", "opens 100,000 connections over 13 processes for a minute; the same gateway code is tested by the cluster tests"),
 ]
 
