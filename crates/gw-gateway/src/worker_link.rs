@@ -9,7 +9,7 @@
 //! every event still queued for it, is routed again to another worker —
 //! the former flagged `redelivered` (at-least-once delivery).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +63,9 @@ pub(crate) async fn serve(
     }
 
     let window = cfg.worker_inflight.max(1);
-    let mut inflight = Inflight::default();
+    // The ring spans at most 4 windows of ids; older unacknowledged events
+    // are kept aside (see Inflight).
+    let mut inflight = Inflight::new(window.saturating_mul(4));
     let mut next_id: u64 = 1;
     let mut last_heard = Instant::now();
     let heartbeat = cfg.link_heartbeat();
@@ -394,16 +396,33 @@ async fn handle_frame(
 /// Ids are given out in sequence and mostly acknowledged in order, so a
 /// ring indexed by `id - first` does what a map would without a node
 /// allocation and rebalancing per event; a hole stays until the events
-/// before it are acknowledged.
-#[derive(Default)]
+/// before it are acknowledged. An event left unacknowledged for long (a
+/// handler that hangs) would make the ring grow by one slot per later
+/// event, so once the ring spans `span_limit` ids its oldest entry moves
+/// to a small map of stragglers instead: memory stays bounded by the
+/// window either way.
 struct Inflight {
     /// Id of `slots[0]`.
     first: u64,
     slots: VecDeque<Option<RoutedEvent>>,
+    /// Unacknowledged events older than `first`.
+    stragglers: BTreeMap<u64, RoutedEvent>,
+    span_limit: usize,
     len: usize,
 }
 
 impl Inflight {
+    /// `span_limit`: most ids the ring spans (a few times the window).
+    fn new(span_limit: usize) -> Self {
+        Inflight {
+            first: 0,
+            slots: VecDeque::new(),
+            stragglers: BTreeMap::new(),
+            span_limit: span_limit.max(1),
+            len: 0,
+        }
+    }
+
     fn len(&self) -> usize {
         self.len
     }
@@ -416,24 +435,43 @@ impl Inflight {
         debug_assert_eq!(id, self.first + self.slots.len() as u64);
         self.slots.push_back(Some(ev));
         self.len += 1;
+        while self.slots.len() > self.span_limit {
+            if let Some(Some(old)) = self.slots.pop_front() {
+                self.stragglers.insert(self.first, old);
+            }
+            self.first += 1;
+            self.skip_acknowledged();
+        }
     }
 
     /// The event with `id`, if it is still unacknowledged (acks for
     /// unknown or already acknowledged ids are ignored).
     fn remove(&mut self, id: u64) -> Option<RoutedEvent> {
-        let index = usize::try_from(id.checked_sub(self.first)?).ok()?;
-        let ev = self.slots.get_mut(index)?.take()?;
+        let ev = if id < self.first {
+            self.stragglers.remove(&id)?
+        } else {
+            let index = usize::try_from(id - self.first).ok()?;
+            let ev = self.slots.get_mut(index)?.take()?;
+            self.skip_acknowledged();
+            ev
+        };
         self.len -= 1;
+        Some(ev)
+    }
+
+    fn skip_acknowledged(&mut self) {
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.first += 1;
         }
-        Some(ev)
     }
 
     /// What is left, oldest first.
     fn into_events(self) -> impl Iterator<Item = RoutedEvent> {
-        self.slots.into_iter().flatten()
+        // Every straggler is older than every event in the ring.
+        self.stragglers
+            .into_values()
+            .chain(self.slots.into_iter().flatten())
     }
 }
 
@@ -454,7 +492,7 @@ mod tests {
 
     #[test]
     fn inflight_acks_in_any_order_and_keeps_the_rest_oldest_first() {
-        let mut inflight = Inflight::default();
+        let mut inflight = Inflight::new(64);
         for id in 10..20 {
             inflight.push(id, routed(id));
         }
@@ -478,12 +516,52 @@ mod tests {
 
     #[test]
     fn inflight_restarts_at_the_next_id_when_empty() {
-        let mut inflight = Inflight::default();
+        let mut inflight = Inflight::new(64);
         inflight.push(1, routed(1));
         assert!(inflight.remove(1).is_some());
         assert_eq!(inflight.len(), 0);
         inflight.push(2, routed(2));
         assert!(inflight.remove(1).is_none());
         assert_eq!(inflight.remove(2).map(|e| e.event.id), Some(2));
+    }
+
+    #[test]
+    fn an_event_never_acknowledged_does_not_grow_the_ring() {
+        let mut inflight = Inflight::new(8);
+        inflight.push(1, routed(1));
+        for id in 2..10_000 {
+            inflight.push(id, routed(id));
+            assert!(inflight.remove(id).is_some());
+            assert!(
+                inflight.slots.len() <= 8,
+                "ring spans {}",
+                inflight.slots.len()
+            );
+        }
+        assert_eq!(inflight.len(), 1);
+        assert_eq!(inflight.stragglers.len(), 1);
+        // A few more unacknowledged ones, then the straggler's late ack.
+        for id in 10_000..10_003 {
+            inflight.push(id, routed(id));
+        }
+        assert_eq!(inflight.remove(1).map(|e| e.event.id), Some(1));
+        assert!(inflight.remove(1).is_none());
+        inflight.push(10_003, routed(10_003));
+        let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
+        assert_eq!(left, vec![10_000, 10_001, 10_002, 10_003]);
+    }
+
+    #[test]
+    fn stragglers_come_out_first_in_id_order() {
+        let mut inflight = Inflight::new(4);
+        for id in 1..=10 {
+            inflight.push(id, routed(id));
+        }
+        assert_eq!(inflight.len(), 10);
+        assert!(inflight.slots.len() <= 4);
+        assert_eq!(inflight.remove(3).map(|e| e.event.id), Some(3));
+        assert_eq!(inflight.remove(9).map(|e| e.event.id), Some(9));
+        let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
+        assert_eq!(left, vec![1, 2, 4, 5, 6, 7, 8, 10]);
     }
 }
