@@ -177,7 +177,9 @@ impl Sources {
     }
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// A small fast PRNG step (SplitMix64): port offsets, handshake keys and
+/// frame masks, none of which needs more.
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::client::splitmix64;
+
 /// Largest frame accepted from a server (a chat delivery is < 1 KiB).
 pub const MAX_FRAME: usize = 16 << 20;
 /// Largest upgrade response accepted.
@@ -405,14 +407,6 @@ fn check_upgrade_response(head: &str, key: &str) -> Result<()> {
         Some(a) => bail!("wrong Sec-WebSocket-Accept {a:?} (expected {expected:?})"),
         None => bail!("upgrade response without Sec-WebSocket-Accept"),
     }
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
