@@ -219,6 +219,9 @@ impl Ws {
         })
     }
 
+    /// Masking keys from a PRNG seeded per connection: RFC 6455 asks for
+    /// unpredictable keys to protect intermediaries from crafted bytes; a
+    /// loopback load generator has none, and its payloads are its own.
     fn next_mask(&mut self) -> [u8; 4] {
         (splitmix64(&mut self.mask_state) as u32).to_ne_bytes()
     }
