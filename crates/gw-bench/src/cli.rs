@@ -69,11 +69,12 @@ pub struct CommonOpts {
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
 
-    /// WebSocket read buffer per connection, bytes.
+    /// Bytes read per call on each connection (its read buffer while reading).
     #[arg(long, default_value_t = 4096)]
     pub read_buffer: usize,
 
-    /// WebSocket write buffer per connection, bytes (frames batch up to this before a write).
+    /// Write buffer capacity a connection keeps between bursts, bytes (a
+    /// window of frames is always written with one call).
     #[arg(long, default_value_t = 4096)]
     pub write_buffer: usize,
 
