@@ -97,8 +97,8 @@ struct ConnState {
 }
 
 impl Acct {
-    fn on_delivery(&mut self, plan: &Plan, sh: &Shared, payload: Option<proto::Payload>) {
-        let now = now_ns();
+    /// `now`: when the read that fetched the frame returned.
+    fn on_delivery(&mut self, plan: &Plan, sh: &Shared, now: u64, payload: Option<proto::Payload>) {
         let Some(p) = payload.filter(|p| plan.expect_from.contains(&p.sender)) else {
             self.unexpected += 1;
             return;
@@ -119,16 +119,16 @@ impl Acct {
         }
     }
 
-    fn on_frame(&mut self, plan: &Plan, sh: &Shared, text: &str) -> Result<()> {
+    fn on_frame(&mut self, plan: &Plan, sh: &Shared, now: u64, text: &str) -> Result<()> {
         if let Some(p) = proto::scan_delivery(text) {
-            self.on_delivery(plan, sh, Some(p));
+            self.on_delivery(plan, sh, now, Some(p));
             return Ok(());
         }
         let m = Inbound::parse(text)?;
         match m.kind.as_ref() {
             "said" | "whisper" | "echo" => {
                 let payload = m.text.and_then(|t| proto::decode_payload(t.get()));
-                self.on_delivery(plan, sh, payload);
+                self.on_delivery(plan, sh, now, payload);
                 Ok(())
             }
             // Presence and bookkeeping frames carry nothing to account.
@@ -141,12 +141,14 @@ impl Acct {
         }
     }
 
-    /// Handle every complete message already read.
+    /// Handle every complete message already read. They all arrived with
+    /// the same read, so one clock reading stamps them all.
     fn on_messages(&mut self, plan: &Plan, sh: &Shared, ws: &mut Ws) -> Result<()> {
+        let now = now_ns();
         while let Some(next) = ws.next_message()? {
             match next {
                 Next::Text(t) => {
-                    let r = self.on_frame(plan, sh, ws.text(&t));
+                    let r = self.on_frame(plan, sh, now, ws.text(&t));
                     ws.consume(t);
                     r?;
                 }

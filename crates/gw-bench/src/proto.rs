@@ -118,15 +118,32 @@ pub fn scan_delivery(frame: &str) -> Option<Payload> {
     decode_payload(frame.get(at..at + len)?)
 }
 
-/// Parse a `text` value produced by [`encode_payload`].
+/// Parse a `text` value produced by [`encode_payload`]. Byte by byte, not
+/// with `split`/`parse`: it runs once per delivery, up to a million times a
+/// second, and the generic path showed as ~7 % of the generator's CPU.
 pub fn decode_payload(raw: &str) -> Option<Payload> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    let mut it = inner.splitn(4, ':');
-    let sender = it.next()?.parse().ok()?;
-    let seq = it.next()?.parse().ok()?;
-    let sent_ns = it.next()?.parse().ok()?;
-    // The fourth part is padding; its presence proves the third was complete.
-    it.next()?;
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?.as_bytes();
+    let mut at = 0;
+    let mut field = || -> Option<u64> {
+        let digits = inner[at..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        // Non-empty, fits in a u64 (20 digits may not), and ends at a ':'
+        // (after the third field that ':' proves it is complete).
+        if digits == 0 || digits > 20 || inner.get(at + digits) != Some(&b':') {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &d in &inner[at..at + digits] {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        at += digits + 1;
+        Some(v)
+    };
+    let sender = u32::try_from(field()?).ok()?;
+    let seq = field()?;
+    let sent_ns = field()?;
     Some(Payload {
         sender,
         seq,
@@ -187,6 +204,20 @@ mod tests {
         assert_eq!(decode_payload(r#"{"a":1}"#), None);
         assert_eq!(decode_payload(r#""1:2""#), None);
         assert_eq!(decode_payload(r#""1:2:3""#), None);
+        assert_eq!(decode_payload(r#""1::3:""#), None);
+        assert_eq!(decode_payload(r#""1:x2:3:""#), None);
+        // Out of range: sender beyond u32, seq beyond u64.
+        assert_eq!(decode_payload(r#""4294967296:2:3:""#), None);
+        assert_eq!(decode_payload(r#""1:18446744073709551616:3:""#), None);
+        let max = format!("\"4294967295:{}:0:..\"", u64::MAX);
+        assert_eq!(
+            decode_payload(&max),
+            Some(Payload {
+                sender: u32::MAX,
+                seq: u64::MAX,
+                sent_ns: 0
+            })
+        );
     }
 
     #[test]
