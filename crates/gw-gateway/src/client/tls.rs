@@ -115,7 +115,7 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Plain(s) => poll_sendmsg(s, cx, bufs),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -124,6 +124,27 @@ impl AsyncWrite for ClientStream {
         match self {
             ClientStream::Plain(s) => s.is_write_vectored(),
             ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// `sendmsg` rather than tokio's `writev`: on a socket the VFS layer of
+/// `writev` (file lookup with position lock, iterator setup) is pure
+/// overhead, and every frame a client receives goes through here.
+fn poll_sendmsg(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(s.poll_write_ready(cx))?;
+        // try_io clears the readiness on WouldBlock, so the next
+        // poll_write_ready waits for the socket to drain.
+        match s.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(s).send_vectored(bufs)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
         }
     }
 }
