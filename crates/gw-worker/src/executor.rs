@@ -47,8 +47,6 @@ struct Schedule {
     ready: VecDeque<Job>,
     /// Runners parked on `wake`, not counting those already given a permit.
     idle: usize,
-    /// Runners alive.
-    runners: usize,
     /// A runner was woken or spawned and has not looked at `ready` yet; it
     /// wakes the next one if there is more, so a burst of events wakes
     /// runners one by one as they are needed rather than all at once.
@@ -117,7 +115,6 @@ impl<H: EventHandler> Executor<H> {
             sched.idle -= 1;
             self.wake.add_permits(1);
         } else {
-            sched.runners += 1;
             let this = self.clone();
             tokio::spawn(async move { this.runner().await });
         }
@@ -146,10 +143,7 @@ impl<H: EventHandler> Executor<H> {
                 }
                 match self.take_ready(&mut sched) {
                     Some(job) => Some(job),
-                    None if sched.runners > IDLE_RUNNERS || self.wake.is_closed() => {
-                        sched.runners -= 1;
-                        return;
-                    }
+                    None if sched.idle >= IDLE_RUNNERS || self.wake.is_closed() => return,
                     None => {
                         sched.idle += 1;
                         None
@@ -166,14 +160,10 @@ impl<H: EventHandler> Executor<H> {
                         permit.forget();
                         woken = true;
                     }
-                    Err(_) => {
-                        // Closed: leave, uncounting ourselves as idle unless
-                        // a submit already did.
-                        let mut sched = self.schedule.lock();
-                        sched.idle = sched.idle.saturating_sub(1);
-                        sched.runners -= 1;
-                        return;
-                    }
+                    // Closed: look at `ready` once more (a submit may have
+                    // counted on this runner just before the close), then
+                    // leave from the top of the loop.
+                    Err(_) => woken = true,
                 },
             }
         }
