@@ -633,7 +633,7 @@ impl Hub {
                     }
                 }
                 // The writer sends what is queued before the close frame
-                // unless `immediate`; see client::writer.
+                // unless `immediate`; see `Conn::finish`.
                 sender.close(if immediate {
                     CLOSE_IMMEDIATE
                 } else {

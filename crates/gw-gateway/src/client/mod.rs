@@ -274,7 +274,7 @@ async fn handle_connection(
             (_, Some(c)) => c,
             (c, None) => c,
         };
-        let frame = (wire == Wire::Ws).then(|| wire::encode_close(code, &close_reason(Some(code))));
+        let frame = (wire == Wire::Ws).then(|| wire::encode_close(code, &close_reason(code)));
         Box::pin(conn.finish(skip_queue, frame, Duration::from_secs(2))).await;
     }
     if let Some(removed) = removed {
@@ -473,7 +473,11 @@ async fn serve(
 ) -> Ended {
     let metrics = &state.hub.metrics;
     let cfg = state.config();
-    let ping_data = spec.ping_data(&cfg).map(|d| d.into_bytes());
+    // The ping frame is the same every tick: built once per connection.
+    let ping = wire::encode_ping(
+        conn.shared.wire,
+        spec.ping_data(&cfg).map(|d| d.into_bytes()).as_deref(),
+    );
     let heartbeat_limit_ms = spec
         .ping_interval(&cfg)
         .map(|p| p.as_millis() as u64 * u64::from(spec.ping_missed_limit(&cfg)))
@@ -508,12 +512,10 @@ async fn serve(
             metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%client_id, silent_ms = silent, "closing silent client");
             conn.shared.close(codes::CLOSE_HEARTBEAT_TIMEOUT);
-            return Some(Ended::new(close_reason(Some(
-                codes::CLOSE_HEARTBEAT_TIMEOUT,
-            ))));
+            return Some(Ended::new(close_reason(codes::CLOSE_HEARTBEAT_TIMEOUT)));
         }
-        if let Some(ping) = wire::encode_ping(conn.shared.wire, ping_data.as_deref()) {
-            conn.send_control(ping);
+        if let Some(ping) = &ping {
+            conn.send_control(ping.clone());
         }
         None
     };
@@ -523,7 +525,7 @@ async fn serve(
             IoEvent::Tick => heartbeat(conn),
             IoEvent::Read => None,
             IoEvent::Eof => Some(Ended::new("client disconnected")),
-            IoEvent::Closed(code) => Some(Ended::new(close_reason(Some(code)))),
+            IoEvent::Closed(code) => Some(Ended::new(close_reason(code))),
             IoEvent::Failed(e) => {
                 conn.shared.close(1006);
                 Some(Ended {
@@ -543,7 +545,9 @@ async fn serve(
         }
     }
     loop {
-        // Every complete message in the buffer first.
+        // Every complete message in the buffer first; they all came with
+        // the same read, so one clock reading serves them all.
+        let mut heard_ms = state.now_ms();
         loop {
             let inbound = match decoder.decode(&mut conn.rbuf) {
                 Ok(Some(m)) => m,
@@ -553,9 +557,7 @@ async fn serve(
                     return Ended::new(format!("read error: {e}"));
                 }
             };
-            conn.shared
-                .last_heard_ms
-                .store(state.now_ms(), Ordering::Relaxed);
+            conn.shared.last_heard_ms.store(heard_ms, Ordering::Relaxed);
             let payload = match inbound {
                 Inbound::Ping(data) => {
                     conn.send_control(wire::encode_pong(&data));
@@ -584,18 +586,11 @@ async fn serve(
                 refilled = now;
                 if tokens < 1.0 {
                     let wait = Duration::from_secs_f64((1.0 - tokens) / rate);
-                    let mut pause = Box::pin(tokio::time::sleep(wait));
-                    loop {
-                        match conn.wait_with_io(pause).await {
-                            Ok(()) => break,
-                            Err((ev, p)) => {
-                                if let Some(ended) = on_event(conn, ev) {
-                                    return ended;
-                                }
-                                pause = p;
-                            }
-                        }
+                    let pause = Box::pin(tokio::time::sleep(wait));
+                    if let Err((ended, _)) = wait_serving(conn, pause, &on_event).await {
+                        return ended;
                     }
+                    heard_ms = state.now_ms();
                     let now = tokio::time::Instant::now();
                     tokens += now.duration_since(refilled).as_secs_f64() * rate;
                     refilled = now;
@@ -645,23 +640,19 @@ fn dispatch_now<'a>(
     }
 }
 
-/// Waits for a dispatch that could not complete at once while the
-/// connection keeps writing. If the connection must end meanwhile, the
-/// event is still handed over (it was received before the end) before the
-/// end is reported.
-async fn dispatch_waiting(
+/// Waits for `fut` while the connection keeps writing and ticking. If the
+/// connection must end meanwhile, returns why, with `fut` unfinished.
+async fn wait_serving<F: Future + Unpin>(
     conn: &mut Conn,
-    mut fut: SlowDispatch<'_>,
+    mut fut: F,
     on_event: &impl Fn(&mut Conn, IoEvent) -> Option<Ended>,
-) -> Result<(), Ended> {
+) -> Result<F::Output, (Ended, F)> {
     loop {
         match conn.wait_with_io(fut).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => return Err(Ended::new("gateway shutting down")),
+            Ok(v) => return Ok(v),
             Err((ev, f)) => {
                 if let Some(ended) = on_event(conn, ev) {
-                    f.await;
-                    return Err(ended);
+                    return Err((ended, f));
                 }
                 fut = f;
             }
@@ -669,14 +660,32 @@ async fn dispatch_waiting(
     }
 }
 
-fn close_reason(code: Option<u16>) -> String {
+/// Waits for a dispatch that could not complete at once while the
+/// connection keeps writing. If the connection must end meanwhile, the
+/// event is still handed over (it was received before the end) before the
+/// end is reported.
+async fn dispatch_waiting(
+    conn: &mut Conn,
+    fut: SlowDispatch<'_>,
+    on_event: &impl Fn(&mut Conn, IoEvent) -> Option<Ended>,
+) -> Result<(), Ended> {
+    match wait_serving(conn, fut, on_event).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Ended::new("gateway shutting down")),
+        Err((ended, f)) => {
+            f.await;
+            Err(ended)
+        }
+    }
+}
+
+fn close_reason(code: u16) -> String {
     match code {
-        Some(codes::CLOSE_SLOW_CONSUMER) => "slow consumer".into(),
-        Some(codes::CLOSE_HEARTBEAT_TIMEOUT) => "heartbeat timeout".into(),
-        Some(codes::CLOSE_GOING_AWAY) => "gateway shutting down".into(),
-        Some(codes::CLOSE_BY_APPLICATION) | Some(CLOSE_IMMEDIATE) => "closed by application".into(),
-        Some(codes::CLOSE_TOO_BIG) => "message too big".into(),
-        Some(c) => format!("closed with code {c}"),
-        None => "closed".into(),
+        codes::CLOSE_SLOW_CONSUMER => "slow consumer".into(),
+        codes::CLOSE_HEARTBEAT_TIMEOUT => "heartbeat timeout".into(),
+        codes::CLOSE_GOING_AWAY => "gateway shutting down".into(),
+        codes::CLOSE_BY_APPLICATION | CLOSE_IMMEDIATE => "closed by application".into(),
+        codes::CLOSE_TOO_BIG => "message too big".into(),
+        c => format!("closed with code {c}"),
     }
 }
