@@ -102,14 +102,14 @@ where
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0);
-    let mut rt = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
+    let mut rt = if threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
             b.worker_threads(n);
-            b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
+        b
     };
     match rt.enable_all().build() {
         Ok(rt) => rt.block_on(main),

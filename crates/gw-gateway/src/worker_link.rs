@@ -81,13 +81,13 @@ pub(crate) async fn serve(
                 // one flush.
                 let mut batch = 0;
                 let mut failed = None;
+                let max = link.codec().max_frame;
                 loop {
                     ev.event.id = next_id;
                     next_id += 1;
                     // Encoded by reference and moved back: the event is
                     // kept for redelivery until acknowledged, not cloned.
                     let f = frame(Body::Event(std::mem::take(&mut ev.event)));
-                    let max = link.codec().max_frame;
                     let fed = gw_protocol::frame::encode(&f, max, link.write_buffer_mut());
                     if let Some(Body::Event(e)) = f.body {
                         ev.event = e;

@@ -79,20 +79,19 @@ impl From<Bytes> for Payload {
 }
 
 impl From<&serde_json::Value> for Payload {
-    /// A JSON value as a text payload.
     fn from(v: &serde_json::Value) -> Self {
-        Payload::text(v.to_string())
+        // `to_vec`, not `Display`: the formatter-based path was a large
+        // share of a worker's time in profiles. A `Value` always serializes.
+        Payload {
+            data: Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+            binary: false,
+        }
     }
 }
 
 impl From<serde_json::Value> for Payload {
     fn from(v: serde_json::Value) -> Self {
-        // `to_vec`, not `Display`: the formatter-based path was a large
-        // share of a worker's time in profiles. A `Value` always serializes.
-        Payload {
-            data: Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-            binary: false,
-        }
+        Payload::from(&v)
     }
 }
 

@@ -87,6 +87,18 @@ pub fn spawn_gateway(
     internal: &str,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
+    spawn_gateway_with_env(register, secret, ws_port, internal, extra, &[])
+}
+
+/// [`spawn_gateway`] with extra environment variables.
+pub fn spawn_gateway_with_env(
+    register: &str,
+    secret: &str,
+    ws_port: u16,
+    internal: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let listen = format!("ws://127.0.0.1:{ws_port}");
     let mut args = vec![
         "--register",
@@ -99,7 +111,7 @@ pub fn spawn_gateway(
         internal,
     ];
     args.extend_from_slice(extra);
-    Proc::spawn("gw-gateway", &args)
+    Proc::spawn_with_env("gw-gateway", &args, env)
 }
 
 /// A free loopback port for a child process to bind. Picked below the

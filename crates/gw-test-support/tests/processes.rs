@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gw_test_support::process::{free_port, spawn_gateway, Proc};
+use gw_test_support::process::{free_port, spawn_gateway, spawn_gateway_with_env, Proc};
 use gw_test_support::WsClient;
 use serde_json::json;
 
@@ -25,43 +25,34 @@ async fn connect_when_ready(url: &str) -> anyhow::Result<(WsClient, String)> {
 }
 
 fn gateway(register: &str, ws: u16, internal: u16) -> anyhow::Result<Proc> {
-    spawn_gateway(register, SECRET, ws, &format!("127.0.0.1:{internal}"), &[])
+    gateway_with_env(register, ws, internal, &[])
+}
+
+fn gateway_with_env(
+    register: &str,
+    ws: u16,
+    internal: u16,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
+    let internal = format!("127.0.0.1:{internal}");
+    spawn_gateway_with_env(register, SECRET, ws, &internal, &[], env)
 }
 
 fn chat(register: &str) -> anyhow::Result<Proc> {
-    Proc::spawn("gw-chat", &["--register", register, "--secret", SECRET])
+    chat_with_env(register, &[])
+}
+
+fn chat_with_env(register: &str, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    Proc::spawn_with_env(
+        "gw-chat",
+        &["--register", register, "--secret", SECRET],
+        env,
+    )
 }
 
 /// `GW_THREADS=1`: the current-thread runtime (the others get the default
 /// multi-thread one), through the same kill, drain and stop paths.
 const ONE_THREAD: &[(&str, &str)] = &[("GW_THREADS", "1")];
-
-fn gateway_one_thread(register: &str, ws: u16, internal: u16) -> anyhow::Result<Proc> {
-    let listen = format!("ws://127.0.0.1:{ws}");
-    let internal = format!("127.0.0.1:{internal}");
-    Proc::spawn_with_env(
-        "gw-gateway",
-        &[
-            "--register",
-            register,
-            "--secret",
-            SECRET,
-            "--listen",
-            &listen,
-            "--internal",
-            &internal,
-        ],
-        ONE_THREAD,
-    )
-}
-
-fn chat_one_thread(register: &str) -> anyhow::Result<Proc> {
-    Proc::spawn_with_env(
-        "gw-chat",
-        &["--register", register, "--secret", SECRET],
-        ONE_THREAD,
-    )
-}
 
 /// Sends numbered messages a -> room and collects them at b: returns how
 /// many arrived more than once; fails on loss or reordering.
@@ -95,9 +86,9 @@ async fn the_binaries_form_a_cluster_and_survive_worker_kill_and_restart() -> an
     )?;
     let (ws1, ws2) = (free_port(), free_port());
     let _g1 = gateway(&register_addr, ws1, free_port())?;
-    let mut g2 = gateway_one_thread(&register_addr, ws2, free_port())?;
+    let mut g2 = gateway_with_env(&register_addr, ws2, free_port(), ONE_THREAD)?;
     let w1 = chat(&register_addr)?;
-    let mut w2 = chat_one_thread(&register_addr)?;
+    let mut w2 = chat_with_env(&register_addr, ONE_THREAD)?;
 
     let url1 = format!("ws://127.0.0.1:{ws1}");
     let url2 = format!("ws://127.0.0.1:{ws2}");
