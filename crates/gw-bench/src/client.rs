@@ -31,6 +31,9 @@ pub fn now_ns() -> u64 {
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
+    /// `Host` header and request target of the upgrade request.
+    pub host: String,
+    pub path: String,
 }
 
 /// Parse `ws://HOST:PORT[/path]`, accepting only loopback hosts: the
@@ -70,9 +73,16 @@ pub fn parse_target(url: &str) -> Result<Target> {
     if port == 0 {
         bail!("port 0 in {url:?}");
     }
+    let path = match &rest[authority.len()..] {
+        "" => "/".to_string(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_string(),
+    };
     Ok(Target {
         url: url.to_string(),
         addr: SocketAddr::new(ip, port),
+        host: authority.to_string(),
+        path,
     })
 }
 
@@ -257,16 +267,10 @@ pub async fn connect(target: &Target, sources: &Sources, i: usize, opts: WsOpts)
     };
     // Frames are small and latency is what we measure: no Nagle delay.
     tcp.set_nodelay(true).context("TCP_NODELAY")?;
-    let rest = &target.url["ws://".len()..];
-    let (host, path) = match rest.find(['/', '?']) {
-        Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
-        Some(i) => (&rest[..i], rest[i..].to_string()),
-        None => (rest, "/".to_string()),
-    };
     Ws::handshake(
         tcp,
-        host,
-        &path,
+        &target.host,
+        &target.path,
         opts.read_buffer,
         opts.write_buffer,
         i as u64 ^ now_ns().rotate_left(32),
@@ -396,6 +400,12 @@ mod tests {
         assert_eq!(t.addr, "127.0.0.1:8282".parse().unwrap());
         let t = parse_target("ws://127.3.4.5:1/chat?x=1").unwrap();
         assert_eq!(t.addr.port(), 1);
+        assert_eq!(
+            (t.host.as_str(), t.path.as_str()),
+            ("127.3.4.5:1", "/chat?x=1")
+        );
+        let t = parse_target("ws://127.0.0.1:2?x=1").unwrap();
+        assert_eq!(t.path, "/?x=1");
         let t = parse_target("ws://localhost:9000/").unwrap();
         assert!(t.addr.ip().is_loopback());
         let t = parse_target("ws://[::1]:9000").unwrap();

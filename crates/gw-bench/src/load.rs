@@ -147,11 +147,7 @@ impl Acct {
         let now = now_ns();
         while let Some(next) = ws.next_message()? {
             match next {
-                Next::Text(t) => {
-                    let r = self.on_frame(plan, sh, now, ws.text(&t));
-                    ws.consume(t);
-                    r?;
-                }
+                Next::Text(t) => self.on_frame(plan, sh, now, t)?,
                 Next::Closed(code, reason) => {
                     bail!("server closed the connection: code {code:?} {reason:?}")
                 }

@@ -40,10 +40,8 @@ const OP_PONG: u8 = 0xA;
 pub struct RawFrame {
     pub fin: bool,
     pub opcode: u8,
-    /// Payload position in the buffer.
+    /// Payload position in the buffer; `payload.end` is the frame's length.
     pub payload: Range<usize>,
-    /// Header plus payload: what to consume once handled.
-    pub len: usize,
 }
 
 /// Parse the frame at the start of `buf`; `Ok(None)` = incomplete.
@@ -97,7 +95,6 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<RawFrame>> {
         fin,
         opcode,
         payload: head..total,
-        len: total,
     }))
 }
 
@@ -129,21 +126,13 @@ pub fn encode_text(out: &mut Vec<u8>, text: &str, mask: [u8; 4]) {
 
 /// What the next complete message is.
 #[derive(Debug)]
-pub enum Next {
-    /// A text message; read it with [`Ws::text`], then [`Ws::consume`].
-    Text(Text),
+pub enum Next<'a> {
+    /// A text message (checked to be UTF-8), borrowed from the connection.
+    Text(&'a str),
     /// The server closed (code, reason).
     Closed(Option<u16>, String),
     /// A binary message (the chat protocol has none).
     Binary,
-}
-
-/// Where a text message's bytes are.
-#[derive(Debug)]
-pub struct Text {
-    /// In the read buffer (`None`: in the reassembly buffer).
-    range: Option<Range<usize>>,
-    consume: usize,
 }
 
 /// A client connection: socket, read buffer, pending writes.
@@ -156,7 +145,8 @@ pub struct Ws {
     read_chunk: usize,
     wbuf: Vec<u8>,
     write_keep: usize,
-    /// A fragmented message being put together, and its kind.
+    /// A fragmented message being put together, and its kind; the last
+    /// one completed stays here until the next call.
     frag: Option<(u8, Vec<u8>)>,
     assembled: Vec<u8>,
     mask_state: u64,
@@ -205,11 +195,12 @@ impl Ws {
         let head = std::str::from_utf8(&buf[..head_end])
             .map_err(|_| anyhow!("upgrade response head is not UTF-8"))?;
         check_upgrade_response(head, &key)?;
-        let rest = buf[head_end..].to_vec();
         Ok(Ws {
             tcp,
-            rbuf: rest,
-            rpos: 0,
+            // What followed the head is the first frames; read_more
+            // reclaims the head's bytes.
+            rbuf: buf,
+            rpos: head_end,
             read_chunk: read_chunk.max(256),
             wbuf: Vec::new(),
             write_keep,
@@ -275,48 +266,40 @@ impl Ws {
 
     /// The next complete message already read, if any. Pings are answered
     /// (on the next flush) and pongs skipped on the way.
-    pub fn next_message(&mut self) -> Result<Option<Next>> {
+    pub fn next_message(&mut self) -> Result<Option<Next<'_>>> {
         loop {
             let Some(f) = parse_frame(&self.rbuf[self.rpos..])? else {
                 return Ok(None);
             };
             let payload = self.rpos + f.payload.start..self.rpos + f.payload.end;
+            // The frame is consumed here; its bytes stay in `rbuf` until
+            // the next read_more.
+            self.rpos += f.payload.end;
             match f.opcode {
                 OP_PING => {
                     let mask = self.next_mask();
-                    let data = self.rbuf[payload].to_vec();
-                    encode_frame(&mut self.wbuf, OP_PONG, &data, mask);
-                    self.rpos += f.len;
+                    encode_frame(&mut self.wbuf, OP_PONG, &self.rbuf[payload], mask);
                 }
-                OP_PONG => self.rpos += f.len,
+                OP_PONG => {}
                 OP_CLOSE => {
                     let p = &self.rbuf[payload];
                     let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
                     let reason = String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into();
-                    self.rpos += f.len;
                     return Ok(Some(Next::Closed(code, reason)));
-                }
-                OP_TEXT | OP_BINARY if f.fin => {
-                    if self.frag.is_some() {
-                        bail!("new data frame inside a fragmented message");
-                    }
-                    if f.opcode == OP_BINARY {
-                        self.rpos += f.len;
-                        return Ok(Some(Next::Binary));
-                    }
-                    std::str::from_utf8(&self.rbuf[payload.clone()])
-                        .map_err(|_| anyhow!("text frame is not valid UTF-8"))?;
-                    return Ok(Some(Next::Text(Text {
-                        range: Some(payload),
-                        consume: f.len,
-                    })));
                 }
                 OP_TEXT | OP_BINARY => {
                     if self.frag.is_some() {
                         bail!("new data frame inside a fragmented message");
                     }
-                    self.frag = Some((f.opcode, self.rbuf[payload].to_vec()));
-                    self.rpos += f.len;
+                    if !f.fin {
+                        self.frag = Some((f.opcode, self.rbuf[payload].to_vec()));
+                    } else if f.opcode == OP_BINARY {
+                        return Ok(Some(Next::Binary));
+                    } else {
+                        let text = std::str::from_utf8(&self.rbuf[payload])
+                            .map_err(|_| anyhow!("text frame is not valid UTF-8"))?;
+                        return Ok(Some(Next::Text(text)));
+                    }
                 }
                 _ => {
                     // Continuation.
@@ -327,39 +310,19 @@ impl Ws {
                     if data.len() > MAX_FRAME {
                         bail!("fragmented message exceeds {MAX_FRAME} bytes");
                     }
-                    self.rpos += f.len;
                     if !f.fin {
                         self.frag = Some((kind, data));
-                        continue;
-                    }
-                    if kind == OP_BINARY {
+                    } else if kind == OP_BINARY {
                         return Ok(Some(Next::Binary));
+                    } else {
+                        self.assembled = data;
+                        let text = std::str::from_utf8(&self.assembled)
+                            .map_err(|_| anyhow!("text message is not valid UTF-8"))?;
+                        return Ok(Some(Next::Text(text)));
                     }
-                    String::from_utf8(data.clone())
-                        .map_err(|_| anyhow!("text message is not valid UTF-8"))?;
-                    self.assembled = data;
-                    return Ok(Some(Next::Text(Text {
-                        range: None,
-                        consume: 0,
-                    })));
                 }
             }
         }
-    }
-
-    /// The text of a message returned by [`Ws::next_message`].
-    pub fn text(&self, t: &Text) -> &str {
-        let bytes = match &t.range {
-            Some(r) => &self.rbuf[r.clone()],
-            None => &self.assembled[..],
-        };
-        // Validated by next_message.
-        std::str::from_utf8(bytes).unwrap_or_default()
-    }
-
-    /// Done with a text message.
-    pub fn consume(&mut self, t: Text) {
-        self.rpos += t.consume;
     }
 
     /// Next text message, reading as needed; a close, binary message or
@@ -367,11 +330,7 @@ impl Ws {
     pub async fn next_text(&mut self) -> Result<String> {
         loop {
             match self.next_message()? {
-                Some(Next::Text(t)) => {
-                    let s = self.text(&t).to_string();
-                    self.consume(t);
-                    return Ok(s);
-                }
+                Some(Next::Text(t)) => return Ok(t.to_owned()),
                 Some(Next::Closed(code, reason)) => {
                     bail!("server closed the connection: code {code:?} {reason:?}")
                 }
@@ -439,7 +398,7 @@ mod tests {
             let payload = vec![b'x'; n];
             let f = server_frame(true, OP_TEXT, &payload);
             let parsed = parse_frame(&f).unwrap().unwrap();
-            assert_eq!(parsed.len, f.len(), "length {n}");
+            assert_eq!(parsed.payload.end, f.len(), "length {n}");
             assert_eq!(&f[parsed.payload.clone()], &payload[..]);
             assert!(parsed.fin);
             assert_eq!(parsed.opcode, OP_TEXT);
