@@ -155,18 +155,9 @@ impl Conn {
         // wakes us) rather than the rounds running out.
         let mut queue_empty = !take;
         for _ in 0..4 {
-            if take && self.out.is_empty() {
-                let (frames, bytes) = self.shared.take(&mut self.out);
-                if frames == 0 {
-                    queue_empty = true;
-                    break;
-                }
-                self.metrics
-                    .messages_out
-                    .fetch_add(frames as u64, Ordering::Relaxed);
-                self.metrics
-                    .bytes_out
-                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            if take && self.out.is_empty() && self.take_queued() == 0 {
+                queue_empty = true;
+                break;
             }
             while !self.out.is_empty() {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -198,6 +189,21 @@ impl Conn {
         }
         // TLS buffers inside the session; TCP's flush is a no-op.
         Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Moves the client's queue into `out`, counting it as sent; returns
+    /// how many frames it held.
+    fn take_queued(&mut self) -> usize {
+        let (frames, bytes) = self.shared.take(&mut self.out);
+        if frames > 0 {
+            self.metrics
+                .messages_out
+                .fetch_add(frames as u64, Ordering::Relaxed);
+            self.metrics
+                .bytes_out
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        frames
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -257,7 +263,7 @@ impl Conn {
         }
         let _ = tokio::time::timeout(limit, async {
             if !skip_queue {
-                self.shared.take(&mut self.out);
+                self.take_queued();
             }
             if let Some(f) = close_frame {
                 self.out.push_back(f);
