@@ -166,6 +166,9 @@ pub struct GatewayConfig {
     pub advertise: Option<String>,
     /// Most client connections held at once; more are refused (WebSocket: 503).
     pub max_connections: usize,
+    /// Accept queue of each listener (connections the kernel completes
+    /// before the gateway accepts them). Capped by `net.core.somaxconn`.
+    pub listen_backlog: u32,
     /// Messages queued per client before it is closed as a slow consumer.
     pub client_queue_messages: usize,
     /// Bytes queued per client before it is closed as a slow consumer.
@@ -237,6 +240,7 @@ impl Default for GatewayConfig {
             internal: "127.0.0.1:2900".into(),
             advertise: None,
             max_connections: 200_000,
+            listen_backlog: gw_daemon::DEFAULT_BACKLOG,
             client_queue_messages: 1024,
             client_queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
@@ -318,6 +322,7 @@ impl GatewayConfig {
         }
         for (field, v) in [
             ("max_connections", self.max_connections),
+            ("listen_backlog", self.listen_backlog as usize),
             ("client_queue_messages", self.client_queue_messages),
             ("client_queue_bytes", self.client_queue_bytes),
             ("max_message_bytes", self.max_message_bytes),

@@ -58,21 +58,25 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every listener of `config`.
     pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
+        use gw_daemon::bind_listener;
+        let backlog = config.listen_backlog;
         let mut public = Vec::new();
         for spec in config.listeners() {
-            let l = TcpListener::bind(&spec.addr).await.map_err(|e| {
+            let l = bind_listener(&spec.addr, backlog).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding public listener {spec}: {e}"))
             })?;
             public.push((spec, l));
         }
-        let internal = TcpListener::bind(&config.internal).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("binding internal listener {}: {e}", config.internal),
-            )
-        })?;
+        let internal = bind_listener(&config.internal, backlog)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("binding internal listener {}: {e}", config.internal),
+                )
+            })?;
         let api = match &config.api {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+            Some(a) => Some(bind_listener(a, backlog).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("binding API listener {a}: {e}"))
             })?),
             None => None,

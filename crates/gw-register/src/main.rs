@@ -88,7 +88,8 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
     };
     let log = gw_daemon::init_logging(cli.log_json, &config.log_level);
-    let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+    let listener = match gw_daemon::bind_listener(&config.listen, gw_daemon::DEFAULT_BACKLOG).await
+    {
         Ok(l) => l,
         Err(e) => {
             eprintln!("gw-register: binding {}: {e}", config.listen);
@@ -96,7 +97,7 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
     };
     let metrics = match &config.metrics {
-        Some(a) => match tokio::net::TcpListener::bind(a).await {
+        Some(a) => match gw_daemon::bind_listener(a, gw_daemon::DEFAULT_BACKLOG).await {
             Ok(l) => Some(l),
             Err(e) => {
                 eprintln!("gw-register: binding --metrics {a}: {e}");
