@@ -473,11 +473,15 @@ async fn serve(
 ) -> Ended {
     let metrics = &state.hub.metrics;
     let cfg = state.config();
-    // The ping frame is the same every tick: built once per connection.
-    let ping = wire::encode_ping(
-        conn.shared.wire,
-        spec.ping_data(&cfg).map(|d| d.into_bytes()).as_deref(),
-    );
+    // The ping frame is the same every tick: built once per connection, and
+    // only with heartbeats on (a WebSocket ping without data is static, so
+    // an idle connection holds no allocation for it).
+    let ping = spec.ping_interval(&cfg).and_then(|_| {
+        wire::encode_ping(
+            conn.shared.wire,
+            spec.ping_data(&cfg).map(|d| d.into_bytes()).as_deref(),
+        )
+    });
     let heartbeat_limit_ms = spec
         .ping_interval(&cfg)
         .map(|p| p.as_millis() as u64 * u64::from(spec.ping_missed_limit(&cfg)))
@@ -539,8 +543,11 @@ async fn serve(
     let connect = event(pb::event::Kind::Connect(pb::Connect {
         protocol: protocol.to_string(),
     }));
+    // The waits below are cold (a full worker queue, a client over its
+    // rate) and boxed: inline, their state would size every connection's
+    // future for its whole life.
     if let Some(slow) = dispatch_now(state, sticky, connect) {
-        if let Err(ended) = dispatch_waiting(conn, slow, &on_event).await {
+        if let Err(ended) = Box::pin(dispatch_waiting(conn, slow, &on_event)).await {
             return ended;
         }
     }
@@ -587,7 +594,7 @@ async fn serve(
                 if tokens < 1.0 {
                     let wait = Duration::from_secs_f64((1.0 - tokens) / rate);
                     let pause = Box::pin(tokio::time::sleep(wait));
-                    if let Err((ended, _)) = wait_serving(conn, pause, &on_event).await {
+                    if let Err((ended, _)) = Box::pin(wait_serving(conn, pause, &on_event)).await {
                         return ended;
                     }
                     heard_ms = state.now_ms();
@@ -601,7 +608,7 @@ async fn serve(
                 payload: Some(payload),
             }));
             if let Some(slow) = dispatch_now(state, sticky, ev) {
-                if let Err(ended) = dispatch_waiting(conn, slow, &on_event).await {
+                if let Err(ended) = Box::pin(dispatch_waiting(conn, slow, &on_event)).await {
                     return ended;
                 }
             }

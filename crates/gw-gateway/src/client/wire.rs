@@ -385,7 +385,7 @@ pub(crate) fn encode_message(wire: Wire, data: &[u8], binary: bool) -> Bytes {
 pub(crate) fn encode_ping(wire: Wire, data: Option<&[u8]>) -> Option<Bytes> {
     match (wire, data) {
         (Wire::Ws, Some(d)) => Some(encode_message(wire, d, std::str::from_utf8(d).is_err())),
-        (Wire::Ws, None) => Some(ws_frame(OP_PING, &[])),
+        (Wire::Ws, None) => Some(Bytes::from_static(&[0x80 | OP_PING, 0])),
         (_, Some(d)) => Some(encode_message(wire, d, true)),
         (_, None) => None,
     }
@@ -410,6 +410,22 @@ pub(crate) fn encode_close(code: u16, reason: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pings_are_the_frames_each_wire_expects() {
+        // The data-less WebSocket ping is a static frame; it must be the
+        // one the generic encoder would build.
+        assert_eq!(encode_ping(Wire::Ws, None).unwrap(), ws_frame(OP_PING, &[]));
+        assert_eq!(
+            encode_ping(Wire::Ws, Some(b"{\"type\":\"ping\"}")).unwrap(),
+            encode_message(Wire::Ws, b"{\"type\":\"ping\"}", false)
+        );
+        assert!(encode_ping(Wire::Text, None).is_none());
+        assert_eq!(
+            encode_ping(Wire::Text, Some(b"ping")).unwrap(),
+            encode_message(Wire::Text, b"ping", true)
+        );
+    }
 
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
