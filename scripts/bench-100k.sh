@@ -5,7 +5,8 @@
 # machine kind, and the hard limit cannot be raised there), so the
 # connections are spread over GATEWAYS gateway processes (the cluster
 # scales out anyway) and as many gw-bench processes, each connecting to
-# every gateway round-robin from 4 source addresses. One chat worker
+# every gateway round-robin from 8 source addresses (6 processes picking
+# ports independently fill 4 addresses to ~90 % and collide). One chat worker
 # serves all gateways. Memory is the summed VmRSS of every gateway and the
 # worker while all connections are held.
 #
@@ -46,7 +47,7 @@ before=0; for p in "${servers[@]}"; do before=$((before + $(rss "$p"))); done
 per=$(( (TOTAL + GATEWAYS - 1) / GATEWAYS ))
 gens=()
 for i in $(seq 1 "$GATEWAYS"); do
-  $B/gw-bench conns "${urls[@]}" --source-ips 4 --count "$per" --rate 2500 --hold "$HOLD" \
+  $B/gw-bench conns "${urls[@]}" --source-ips 8 --count "$per" --rate 2500 --hold "$HOLD" \
     --duration-limit $((HOLD + 60)) --json "$OUT/100k-gen-$i.json" >"$OUT/100k-gen-$i.txt" 2>&1 &
   pids+=($!); gens+=($!)
 done
