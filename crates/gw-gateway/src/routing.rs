@@ -251,9 +251,65 @@ impl Router {
                     return Ok(());
                 }
                 // The link closed its queue: it is dying and will redeliver
-                // what it had; route this one anew.
-                Err(_) => *sticky = None,
+                // what it had; route this one anew. The slot can never take
+                // an event again, so it leaves routing here too: if its task
+                // ended without taking it out (dropped mid-await), `pick`
+                // would hand it back forever and this loop would spin.
+                Err(_) => {
+                    tracing::debug!(
+                        worker_slot = slot.key,
+                        "worker link queue closed; slot taken out of routing"
+                    );
+                    self.remove(&slot);
+                    *sticky = None;
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn routed(seq: u64) -> RoutedEvent {
+        RoutedEvent {
+            seq,
+            event: pb::Event::default(),
+            flow: Arc::default(),
+        }
+    }
+
+    /// A link whose queue closed without leaving routing (its task was
+    /// dropped mid-await) must not keep being picked: dispatch takes it out
+    /// and waits for a live worker instead of spinning on the dead one.
+    #[tokio::test]
+    async fn closed_queue_leaves_routing_and_dispatch_waits_for_a_live_worker() {
+        let router = Arc::new(Router::new());
+        let (_dead, dead_rx) = router.add(4);
+        drop(dead_rx);
+        assert_eq!(*router.routable.borrow(), 1);
+
+        let shutdown = CancellationToken::new();
+        let task = {
+            let router = router.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { router.dispatch(&mut None, routed(7), &shutdown).await })
+        };
+        let mut routable = router.routable.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), routable.wait_for(|n| *n == 0))
+            .await
+            .expect("the dead slot left routing")
+            .expect("router alive");
+        assert!(router.slots.read().is_empty());
+
+        let (_live, mut live_rx) = router.add(4);
+        let got = tokio::time::timeout(Duration::from_secs(5), live_rx.recv())
+            .await
+            .expect("the event reached the live worker")
+            .expect("queue open");
+        assert_eq!(got.seq, 7);
+        assert!(task.await.expect("dispatch task").is_ok());
     }
 }
