@@ -3,6 +3,7 @@
 //! joined.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gw_chat::Chat;
@@ -95,15 +96,31 @@ async fn members_joining_during_a_stream_of_sends_miss_nothing_after_their_first
     let joiner = c.workers[0].handle();
     let sender = c.workers[1].handle();
     let urls: Vec<String> = c.gateways.iter().map(|g| g.ws_url.clone()).collect();
-    const N: usize = 400;
-    let stream = tokio::spawn(async move {
-        for i in 0..N {
-            sender.send_to_group("live", i.to_string(), &[]).await?;
-            if i % 20 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    // The stream runs until every member has joined, then 100 sends more:
+    // a fixed count raced the joins (a faster link ended it before half of
+    // them had joined, and the test failed on speed, not on a lost message).
+    let all_joined = Arc::new(tokio::sync::Notify::new());
+    let stream = tokio::spawn({
+        let all_joined = all_joined.clone();
+        async move {
+            let joined = all_joined.notified();
+            tokio::pin!(joined);
+            let mut tail = None;
+            let mut i = 0usize;
+            while tail.is_none_or(|t| i < t) {
+                sender.send_to_group("live", i.to_string(), &[]).await?;
+                i += 1;
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if tail.is_none()
+                    && futures_util::FutureExt::now_or_never(joined.as_mut()).is_some()
+                {
+                    tail = Some(i + 100);
+                }
             }
+            anyhow::Ok(i)
         }
-        anyhow::Ok(())
     });
     // Members join on every gateway while the stream runs (the sending
     // worker learns about most of them only through interest changes).
@@ -114,7 +131,8 @@ async fn members_joining_during_a_stream_of_sends_miss_nothing_after_their_first
         members.push(cl);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stream.await??;
+    all_joined.notify_one();
+    let sent = stream.await??;
     let mut with_messages = 0;
     for (k, m) in members.iter_mut().enumerate() {
         let mut got = Vec::new();
@@ -124,7 +142,7 @@ async fn members_joining_during_a_stream_of_sends_miss_nothing_after_their_first
         let Some(first) = got.first().copied() else {
             continue; // joined after the last send
         };
-        let expected: Vec<usize> = (first..N).collect();
+        let expected: Vec<usize> = (first..sent).collect();
         assert_eq!(
             got, expected,
             "member {k} missed messages after its first ({first})"
