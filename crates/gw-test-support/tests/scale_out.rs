@@ -110,7 +110,7 @@ async fn members_joining_during_a_stream_of_sends_miss_nothing_after_their_first
             while tail.is_none_or(|t| i < t) {
                 sender.send_to_group("live", i.to_string(), &[]).await?;
                 i += 1;
-                if i % 20 == 0 {
+                if i.is_multiple_of(20) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 if tail.is_none()
