@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use gw_link::{frame, Backoff, FramedLink};
 use gw_protocol::pb::{self, link_frame::Body, GatewayInfo};
 use gw_protocol::{Event, GatewayId};
@@ -153,76 +153,43 @@ async fn session<H: EventHandler>(
                 }
             }
             f = link.next() => {
+                let f = match f {
+                    None => break SessionEnd::Lost("gateway closed the link".into()),
+                    Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                    Some(Ok(f)) => f,
+                };
                 last_heard = Instant::now();
-                // Every frame already read is handled before going back to
-                // the select (which re-arms all of its branches each time),
-                // up to a bound so that outbound work is not starved.
-                let mut next = Some(f);
-                let mut handled = 0;
-                let mut ended = None;
-                while let Some(f) = next.take() {
-                    let f = match f {
-                        None => {
-                            ended = Some(SessionEnd::Lost("gateway closed the link".into()));
-                            break;
+                match f.body {
+                    Some(Body::Event(e)) => match Event::try_from(e) {
+                        Ok(event) => {
+                            shared.note_event();
+                            executor.submit(Job { event, ack: tx.clone() });
                         }
-                        Some(Err(e)) => {
-                            ended = Some(SessionEnd::Lost(e.to_string()));
-                            break;
-                        }
-                        Some(Ok(f)) => f,
-                    };
-                    match f.body {
-                        Some(Body::Event(e)) => match Event::try_from(e) {
-                            Ok(event) => {
-                                shared.note_event();
-                                executor.submit(Job { event, ack: tx.clone() });
-                            }
-                            Err(e) => tracing::warn!(%gateway, error = %e, "invalid event from gateway dropped"),
-                        },
-                        Some(Body::QueryReply(r)) => {
-                            if let Some(waiter) = pending.lock().remove(&r.id) {
-                                let _ = waiter.send(Reply::Query(r));
-                            }
-                        }
-                        Some(Body::Interest(i)) => {
-                            handle.inner.interest.write().entry(gateway).or_default().apply(i);
-                        }
-                        Some(Body::CommandReply(r)) => {
-                            if let Some(waiter) = pending.lock().remove(&r.id) {
-                                let _ = waiter.send(Reply::Command(r));
-                            }
-                        }
-                        Some(Body::Ping(p)) => {
-                            if let Err(e) = link.send(frame(Body::Pong(pb::Pong { nonce: p.nonce }))).await {
-                                ended = Some(SessionEnd::Lost(e.to_string()));
-                                break;
-                            }
-                        }
-                        Some(Body::Pong(_)) => {}
-                        Some(Body::Notice(n)) => tracing::warn!(%gateway, code = n.code, message = %n.message, "gateway notice"),
-                        Some(Body::Goodbye(_)) => {
-                            ended = Some(SessionEnd::Goodbye);
-                            break;
-                        }
-                        Some(Body::Error(e)) => {
-                            ended = Some(SessionEnd::Lost(format!("gateway error {}: {}", e.code, e.message)));
-                            break;
-                        }
-                        _ => {
-                            ended = Some(SessionEnd::Lost("unexpected frame from gateway".into()));
-                            break;
+                        Err(e) => tracing::warn!(%gateway, error = %e, "invalid event from gateway dropped"),
+                    },
+                    Some(Body::QueryReply(r)) => {
+                        if let Some(waiter) = pending.lock().remove(&r.id) {
+                            let _ = waiter.send(Reply::Query(r));
                         }
                     }
-                    handled += 1;
-                    if handled < INBOUND_BATCH {
-                        // Polled with a no-op waker: `Pending` here is fine,
-                        // the select polls `link.next()` again with ours.
-                        next = link.next().now_or_never();
+                    Some(Body::Interest(i)) => {
+                        handle.inner.interest.write().entry(gateway).or_default().apply(i);
                     }
-                }
-                if let Some(end) = ended {
-                    break end;
+                    Some(Body::CommandReply(r)) => {
+                        if let Some(waiter) = pending.lock().remove(&r.id) {
+                            let _ = waiter.send(Reply::Command(r));
+                        }
+                    }
+                    Some(Body::Ping(p)) => {
+                        if let Err(e) = link.send(frame(Body::Pong(pb::Pong { nonce: p.nonce }))).await {
+                            break SessionEnd::Lost(e.to_string());
+                        }
+                    }
+                    Some(Body::Pong(_)) => {}
+                    Some(Body::Notice(n)) => tracing::warn!(%gateway, code = n.code, message = %n.message, "gateway notice"),
+                    Some(Body::Goodbye(_)) => break SessionEnd::Goodbye,
+                    Some(Body::Error(e)) => break SessionEnd::Lost(format!("gateway error {}: {}", e.code, e.message)),
+                    _ => break SessionEnd::Lost("unexpected frame from gateway".into()),
                 }
             }
             _ = tick.tick() => {
@@ -264,9 +231,6 @@ async fn session<H: EventHandler>(
     pending.lock().clear();
     end
 }
-
-/// Inbound frames handled per turn of the session loop at most.
-const INBOUND_BATCH: usize = 64;
 
 fn ack_frame(ids: Vec<u64>) -> pb::LinkFrame {
     frame(Body::Ack(pb::Ack { ids }))
