@@ -39,10 +39,10 @@ impl fmt::Debug for GatewayId {
 impl FromStr for GatewayId {
     type Err = ParseIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 12 || !s.bytes().all(is_lower_hex) {
+        if s.len() != 12 {
             return Err(ParseIdError::GatewayId);
         }
-        let value = u64::from_str_radix(s, 16).map_err(|_| ParseIdError::GatewayId)?;
+        let value = parse_hex(s.as_bytes()).ok_or(ParseIdError::GatewayId)?;
         GatewayId::new(value).ok_or(ParseIdError::GatewayId)
     }
 }
@@ -87,15 +87,40 @@ fn put_hex(out: &mut [u8], value: u64) {
     }
 }
 
-impl fmt::Display for ClientId {
-    // By hand rather than `write!`: ids are formatted for every event and
-    // command, and the formatting machinery showed up in profiles.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl ClientId {
+    /// The id's text on the stack: what `to_string()` gives, without the
+    /// allocation or the formatting machinery (ids are written for every
+    /// event and relayed message, and both showed up in profiles).
+    pub fn to_text(self) -> ClientIdText {
         let mut buf = [0u8; 28];
         let seq_digits = (16 - self.seq.leading_zeros() as usize / 4).max(8);
         put_hex(&mut buf[..12], self.gateway.get());
         put_hex(&mut buf[12..12 + seq_digits], self.seq);
-        f.write_str(std::str::from_utf8(&buf[..12 + seq_digits]).map_err(|_| fmt::Error)?)
+        ClientIdText {
+            buf,
+            len: (12 + seq_digits) as u8,
+        }
+    }
+}
+
+/// A [`ClientId`] as text, held on the stack; derefs to `&str`.
+#[derive(Clone, Copy)]
+pub struct ClientIdText {
+    buf: [u8; 28],
+    len: u8,
+}
+
+impl std::ops::Deref for ClientIdText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text())
     }
 }
 
@@ -108,23 +133,39 @@ impl fmt::Debug for ClientId {
 impl FromStr for ClientId {
     type Err = ParseIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if !(20..=28).contains(&s.len()) || !s.bytes().all(is_lower_hex) {
+        if !(20..=28).contains(&s.len()) {
             return Err(ParseIdError::ClientId);
         }
-        let (gateway, seq) = s.split_at(12);
+        let (gateway, seq) = s.as_bytes().split_at(12);
         // A sequence wider than 8 digits must not have a leading zero, so that
         // every client has exactly one spelling.
-        if seq.len() > 8 && seq.starts_with('0') {
+        if seq.len() > 8 && seq[0] == b'0' {
             return Err(ParseIdError::ClientId);
         }
-        let gateway = gateway.parse().map_err(|_| ParseIdError::ClientId)?;
-        let seq = u64::from_str_radix(seq, 16).map_err(|_| ParseIdError::ClientId)?;
+        let gateway = parse_hex(gateway)
+            .and_then(GatewayId::new)
+            .ok_or(ParseIdError::ClientId)?;
+        let seq = parse_hex(seq).ok_or(ParseIdError::ClientId)?;
         ClientId::new(gateway, seq).ok_or(ParseIdError::ClientId)
     }
 }
 
-fn is_lower_hex(b: u8) -> bool {
-    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
+/// The value of at most 16 lower-case hex digits; `None` for any other
+/// byte. One pass: every event carries a client id to parse.
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.len() > 16 {
+        return None;
+    }
+    let mut value = 0u64;
+    for &b in digits {
+        let nibble = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        value = (value << 4) | u64::from(nibble);
+    }
+    Some(value)
 }
 
 /// A string that is not a valid id.
@@ -153,6 +194,26 @@ mod tests {
             ClientId::new(gw, 1).unwrap().to_string(),
             "abcdef01234500000001"
         );
+    }
+
+    #[test]
+    fn text_form_is_the_display_form() {
+        let gw = GatewayId::new(0xabcd_ef01_2345).unwrap();
+        for seq in [1u64, 0xffff_ffff, 0x1_0000_0000, u64::MAX] {
+            let id = ClientId::new(gw, seq).unwrap();
+            assert_eq!(&*id.to_text(), format!("{:012x}{:08x}", gw.get(), seq));
+        }
+        assert_eq!("abcdef012345".parse::<GatewayId>().unwrap(), gw);
+        for bad in [
+            "",
+            "000000000000",
+            "abcdef01234",
+            "abcdef0123456",
+            "ABCDEF012345",
+            "abcdef01234g",
+        ] {
+            assert!(bad.parse::<GatewayId>().is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod codes;
 pub mod domain;
 pub mod frame;
 
-pub use client_id::{ClientId, GatewayId, ParseIdError};
+pub use client_id::{ClientId, ClientIdText, GatewayId, ParseIdError};
 pub use domain::{
     Command, ConversionError, Event, EventKind, HandshakeRequest, Payload, Query, Scope,
 };
