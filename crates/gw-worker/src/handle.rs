@@ -104,6 +104,18 @@ impl GatewayInterest {
         self.uids.extend(i.uids_added);
     }
 
+    /// Whether this gateway may have recipients for `cmd`: only group and
+    /// uid sends (and ungroup) are narrowed; everything else goes to every
+    /// gateway.
+    fn wants(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::SendToGroups { groups, .. } => groups.iter().any(|g| self.has_group(g)),
+            Command::Ungroup { group } => self.has_group(group),
+            Command::SendToUids { uids, .. } => uids.iter().any(|u| self.has_uid(u)),
+            _ => true,
+        }
+    }
+
     fn has_group(&self, g: &str) -> bool {
         self.groups.contains(g)
             || self
@@ -127,6 +139,10 @@ pub(crate) struct Inner {
     /// its set yet and gets every group and uid message.
     pub(crate) interest: RwLock<HashMap<GatewayId, GatewayInterest>>,
     pub(crate) known: watch::Receiver<GatewayList>,
+    /// `known` with its ids parsed, for the list it was parsed from: every
+    /// command to all gateways asks which listed ones are not linked, and
+    /// parsing the list each time showed up per relayed message.
+    known_ids: Mutex<(GatewayList, Arc<[GatewayId]>)>,
     pub(crate) query_timeout: Duration,
     next_query: AtomicU64,
 }
@@ -140,12 +156,17 @@ pub struct Handle {
     partial: Option<Arc<Mutex<Vec<GatewayId>>>>,
 }
 
+/// The rule of `gw_protocol::domain::name`, checked without taking
+/// ownership (a copy per check showed up per relayed message).
 fn check_name(field: &str, s: &str) -> Result<(), Error> {
-    gw_protocol::domain::name("name", s.to_string())
-        .map(|_| ())
-        .map_err(|_| {
-            Error::InvalidArgument(format!("{field} must be non-empty and at most 512 bytes"))
-        })
+    if s.is_empty() || s.len() > gw_protocol::domain::MAX_NAME_LEN {
+        Err(Error::InvalidArgument(format!(
+            "{field} must be non-empty and at most {} bytes",
+            gw_protocol::domain::MAX_NAME_LEN
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 /// Answers of a query, per gateway that answered.
@@ -158,6 +179,7 @@ impl Handle {
                 links: RwLock::new(HashMap::new()),
                 interest: RwLock::new(HashMap::new()),
                 known,
+                known_ids: Mutex::new((GatewayList::default(), Arc::from([]))),
                 query_timeout,
                 next_query: AtomicU64::new(1),
             }),
@@ -190,12 +212,21 @@ impl Handle {
 
     /// Gateways the register lists.
     pub fn known_gateways(&self) -> Vec<GatewayId> {
-        self.inner
-            .known
-            .borrow()
-            .iter()
-            .filter_map(|g| g.gateway_id.parse().ok())
-            .collect()
+        self.known_ids().to_vec()
+    }
+
+    /// The listed gateways' ids, parsed once per list.
+    fn known_ids(&self) -> Arc<[GatewayId]> {
+        let list = self.inner.known.borrow().clone();
+        let mut cache = self.inner.known_ids.lock();
+        if !Arc::ptr_eq(&cache.0, &list) {
+            let ids = list
+                .iter()
+                .filter_map(|g| g.gateway_id.parse().ok())
+                .collect();
+            *cache = (list, ids);
+        }
+        cache.1.clone()
     }
 
     fn link(&self, gateway: GatewayId) -> Result<LinkSender, Error> {
@@ -213,10 +244,12 @@ impl Handle {
 
     /// Known gateways that are not connected.
     fn unconnected(&self) -> Vec<GatewayId> {
+        let known = self.known_ids();
         let links = self.inner.links.read();
-        self.known_gateways()
-            .into_iter()
+        known
+            .iter()
             .filter(|g| !links.contains_key(g))
+            .copied()
             .collect()
     }
 
@@ -231,16 +264,11 @@ impl Handle {
     /// sends (and ungroup) are narrowed by interest; everything else goes
     /// to every gateway.
     fn interested(&self, gateway: GatewayId, cmd: &Command) -> bool {
-        let interest = self.inner.interest.read();
-        let Some(i) = interest.get(&gateway) else {
-            return true;
-        };
-        match cmd {
-            Command::SendToGroups { groups, .. } => groups.iter().any(|g| i.has_group(g)),
-            Command::Ungroup { group } => i.has_group(group),
-            Command::SendToUids { uids, .. } => uids.iter().any(|u| i.has_uid(u)),
-            _ => true,
-        }
+        self.inner
+            .interest
+            .read()
+            .get(&gateway)
+            .is_none_or(|i| i.wants(cmd))
     }
 
     /// Our own joins and binds count as interest at once, before the
@@ -271,16 +299,27 @@ impl Handle {
 
     async fn command_all(&self, cmd: Command) -> Result<(), Error> {
         self.any_gateway()?;
-        // Encode once; each link gets a clone of the same message.
-        let links: Vec<LinkSender> = self
-            .links()
-            .into_iter()
-            .filter(|l| self.interested(l.gateway, &cmd))
-            .collect();
-        let f = frame(Body::Command(cmd.into()));
+        // The links to send to, chosen under one lock of each table.
+        let targets: Vec<LinkSender> = {
+            let links = self.inner.links.read();
+            let interest = self.inner.interest.read();
+            links
+                .values()
+                .filter(|l| interest.get(&l.gateway).is_none_or(|i| i.wants(&cmd)))
+                .cloned()
+                .collect()
+        };
+        // Encoded once; every link but the last gets a clone.
+        let mut f = Some(frame(Body::Command(cmd.into())));
         let mut missing = self.unconnected();
-        for link in links {
-            if Self::send_frame(&link, f.clone()).await.is_err() {
+        let last = targets.len().saturating_sub(1);
+        for (i, link) in targets.iter().enumerate() {
+            let f = if i == last {
+                f.take().expect("taken only for the last link")
+            } else {
+                f.clone().expect("present until the last link")
+            };
+            if Self::send_frame(link, f).await.is_err() {
                 missing.push(link.gateway);
             }
         }

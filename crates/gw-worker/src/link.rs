@@ -121,7 +121,10 @@ async fn session<H: EventHandler>(
             out = rx.recv() => {
                 let Some(f) = out else { break SessionEnd::Stopped };
                 // Everything ready goes out with one flush; runs of acks
-                // (one per handled event) become one frame.
+                // (one per handled event) become one frame. Encoded straight
+                // into the write buffer (a `feed` per frame cost more than
+                // the encoding); bounded by the queue's capacity.
+                let max = link.codec().max_frame;
                 let mut acks: Vec<u64> = Vec::new();
                 let mut next = Some(f);
                 let mut result = Ok(());
@@ -130,10 +133,10 @@ async fn session<H: EventHandler>(
                         Some(Body::Ack(a)) => acks.extend(a.ids),
                         _ => {
                             if !acks.is_empty() {
-                                result = link.feed(ack_frame(std::mem::take(&mut acks))).await;
+                                result = gw_protocol::frame::encode(&ack_frame(std::mem::take(&mut acks)), max, link.write_buffer_mut());
                             }
                             if result.is_ok() {
-                                result = link.feed(f).await;
+                                result = gw_protocol::frame::encode(&f, max, link.write_buffer_mut());
                             }
                         }
                     }
@@ -143,7 +146,7 @@ async fn session<H: EventHandler>(
                     next = rx.try_recv().ok();
                 }
                 if result.is_ok() && !acks.is_empty() {
-                    result = link.feed(ack_frame(acks)).await;
+                    result = gw_protocol::frame::encode(&ack_frame(acks), max, link.write_buffer_mut());
                 }
                 if let Err(e) = result {
                     break SessionEnd::Lost(e.to_string());
