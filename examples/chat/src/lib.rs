@@ -45,14 +45,29 @@ struct FastRequest<'a> {
 
 /// A raw JSON value that is a non-empty string, as its text.
 fn raw_name(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    let s: Cow<'_, str> = serde_json::from_str(raw?.get()).ok()?;
+    let json = raw?.get();
+    // A string without escapes is its own text between the quotes (no
+    // second parse for the common case; control characters cannot occur
+    // unescaped in valid JSON, which the RawValue already is).
+    let s: Cow<'_, str> = match json.strip_prefix('"').and_then(|j| j.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Cow::Borrowed(inner),
+        _ => serde_json::from_str(json).ok()?,
+    };
     (!s.is_empty()).then_some(s)
 }
 
 /// `{"type":"<kind>",<fields>,"text":<text>}` from raw JSON pieces.
 fn splice(kind: &str, fields: &[(&str, &str)], text: Option<&RawValue>) -> Payload {
     let text = text.map_or("null", RawValue::get);
-    let mut out = String::with_capacity(40 + text.len());
+    // Sized exactly: growing the string showed up per relayed message.
+    let len = 19
+        + kind.len()
+        + text.len()
+        + fields
+            .iter()
+            .map(|(name, json)| 4 + name.len() + json.len())
+            .sum::<usize>();
+    let mut out = String::with_capacity(len);
     out.push_str("{\"type\":\"");
     out.push_str(kind);
     out.push('"');
@@ -65,7 +80,18 @@ fn splice(kind: &str, fields: &[(&str, &str)], text: Option<&RawValue>) -> Paylo
     out.push_str(",\"text\":");
     out.push_str(text);
     out.push('}');
+    debug_assert_eq!(out.len(), len);
     Payload::text(out)
+}
+
+/// The sender as a JSON string; client ids are hex, nothing to escape.
+fn quoted_id(ctx: &Context) -> String {
+    let id = ctx.client_id.to_text();
+    let mut s = String::with_capacity(id.len() + 2);
+    s.push('"');
+    s.push_str(&id);
+    s.push('"');
+    s
 }
 
 impl Chat {
@@ -73,7 +99,7 @@ impl Chat {
     async fn handle_fast(&self, ctx: &Context, text: &str) -> Option<Result<(), gw_worker::Error>> {
         let req: FastRequest<'_> = serde_json::from_str(text).ok()?;
         // Only the relayed kinds name the sender.
-        let from = || format!("\"{}\"", ctx.client_id);
+        let from = || quoted_id(ctx);
         match req.kind {
             "echo" => Some(ctx.reply(splice("echo", &[], req.text)).await),
             "say" => {
@@ -261,5 +287,43 @@ impl EventHandler for TokenChat {
 
     async fn on_close(&self, ctx: &mut Context, info: CloseInfo) {
         Chat.on_close(ctx, info).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_string()).unwrap()
+    }
+
+    #[test]
+    fn raw_names_read_plain_and_escaped_strings_and_refuse_the_rest() {
+        assert_eq!(raw_name(Some(&raw(r#""lobby""#))).as_deref(), Some("lobby"));
+        assert_eq!(
+            raw_name(Some(&raw(r#""a\"b\u00e9""#))).as_deref(),
+            Some("a\"bé")
+        );
+        assert_eq!(raw_name(Some(&raw(r#""""#))), None);
+        assert_eq!(raw_name(Some(&raw("12"))), None);
+        assert_eq!(raw_name(None), None);
+    }
+
+    #[test]
+    fn spliced_replies_are_valid_json_of_the_exact_size() {
+        let text = raw(r#"{"x":[1,"é"]}"#);
+        let p = splice(
+            "said",
+            &[("room", r#""r""#), ("from", r#""id""#)],
+            Some(&text),
+        );
+        let v: Value = serde_json::from_slice(&p.data).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "said", "room": "r", "from": "id", "text": {"x": [1, "é"]}})
+        );
+        let p = splice("echo", &[], None);
+        assert_eq!(&p.data[..], br#"{"type":"echo","text":null}"#);
     }
 }
