@@ -216,31 +216,67 @@ pub(crate) struct RemovedClient {
     pub(crate) session: Bytes,
 }
 
-struct Sharded<K, V> {
-    shards: Box<[Mutex<HashMap<K, V>>]>,
-    hasher: std::collections::hash_map::RandomState,
+struct Sharded<K, V, S = std::collections::hash_map::RandomState> {
+    shards: Box<[Mutex<HashMap<K, V, S>>]>,
+    hasher: S,
 }
 
-impl<K: Hash + Eq, V> Sharded<K, V> {
+impl<K: Hash + Eq, V, S: BuildHasher + Default> Sharded<K, V, S> {
     fn new() -> Self {
         Sharded {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: Default::default(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            hasher: S::default(),
         }
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V, S>> {
+        // The high bits: a multiplicative hash mixes into those.
+        &self.shards[(self.hasher.hash_one(key) >> 32) as usize % SHARDS]
     }
 }
 
-type Members = HashMap<u64, ClientSender>;
+/// Hashing for the gateway's own client sequence numbers. They are given
+/// out in order by the gateway, never chosen by a peer, so SipHash's
+/// defence against chosen keys buys nothing here while costing two hashes
+/// per lookup on the per-message path (session, sends to clients); one
+/// multiplication spreads sequential numbers over buckets and shards.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SeqHashState;
+
+#[derive(Debug, Default)]
+pub(crate) struct SeqHasher(u64);
+
+impl BuildHasher for SeqHashState {
+    type Hasher = SeqHasher;
+    fn build_hasher(&self) -> SeqHasher {
+        SeqHasher(0)
+    }
+}
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u64 keys; correct (if slow) for anything else.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Members = HashMap<u64, ClientSender, SeqHashState>;
 
 /// The gateway's client tables.
 pub(crate) struct Hub {
     pub(crate) gateway_id: GatewayId,
     next_seq: AtomicU64,
-    clients: Sharded<u64, ClientEntry>,
+    clients: Sharded<u64, ClientEntry, SeqHashState>,
     uids: Sharded<Arc<str>, Members>,
     groups: Sharded<Arc<str>, Members>,
     pub(crate) metrics: Arc<Metrics>,
