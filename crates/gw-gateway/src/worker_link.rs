@@ -20,6 +20,7 @@ use gw_protocol::pb::{self, link_frame::Body, Role};
 use gw_protocol::{codes, Command, Query};
 use tokio_util::sync::CancellationToken;
 
+use crate::hub::InterestDelta;
 use crate::routing::{RoutedEvent, WorkerSlot};
 use crate::State;
 
@@ -119,15 +120,12 @@ pub(crate) async fn serve(
                 let body = match change {
                     Ok(first) => {
                         // Coalesce what is ready into one frame.
-                        let mut delta = first.to_pb();
+                        let mut delta = InterestDelta::default();
+                        delta.push(first);
                         while let Ok(c) = interest.try_recv() {
-                            let d = c.to_pb();
-                            delta.groups_added.extend(d.groups_added);
-                            delta.groups_removed.extend(d.groups_removed);
-                            delta.uids_added.extend(d.uids_added);
-                            delta.uids_removed.extend(d.uids_removed);
+                            delta.push(c);
                         }
-                        delta
+                        delta.into_pb()
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: start over from a full snapshot.
@@ -166,16 +164,12 @@ pub(crate) async fn serve(
                     _ => None,
                 };
                 if confirm.is_some() {
-                    let mut older = pb::Interest::default();
+                    let mut older = InterestDelta::default();
                     while let Ok(c) = interest.try_recv() {
-                        let d = c.to_pb();
-                        older.groups_added.extend(d.groups_added);
-                        older.groups_removed.extend(d.groups_removed);
-                        older.uids_added.extend(d.uids_added);
-                        older.uids_removed.extend(d.uids_removed);
+                        older.push(c);
                     }
-                    if older != pb::Interest::default() {
-                        if let Err(e) = link.feed(frame(Body::Interest(older))).await {
+                    if !older.is_empty() {
+                        if let Err(e) = link.feed(frame(Body::Interest(older.into_pb()))).await {
                             break LinkEnd::Failed(e.to_string());
                         }
                     }
