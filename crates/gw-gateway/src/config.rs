@@ -192,6 +192,12 @@ pub struct GatewayConfig {
     pub link_max_frame: usize,
     /// Link heartbeat interval, ms (a peer silent for 3 intervals is dropped).
     pub link_heartbeat_ms: u64,
+    /// Longest wait, ms, for the other workers to acknowledge that a join
+    /// or bind gave this gateway a new group or uid before the next frame
+    /// of the joining link (typically the reply to the client) is handled.
+    /// A peer that misses it is logged, counted and not waited for until
+    /// it catches up. 0 turns the wait off.
+    pub interest_ack_timeout_ms: u64,
     /// Grace period for a graceful stop, ms.
     pub shutdown_grace_ms: u64,
     /// Largest WebSocket upgrade request (headers), bytes; more gets 431.
@@ -252,6 +258,7 @@ impl Default for GatewayConfig {
             worker_inflight: 4096,
             link_max_frame: gw_protocol::frame::DEFAULT_MAX_FRAME,
             link_heartbeat_ms: 2_000,
+            interest_ack_timeout_ms: 1_000,
             shutdown_grace_ms: 10_000,
             max_header_bytes: 8 * 1024,
             trusted_proxies: Vec::new(),
@@ -367,6 +374,12 @@ impl GatewayConfig {
         if self.link_heartbeat_ms < 100 {
             return Err(bad("link_heartbeat_ms", "must be at least 100"));
         }
+        if self.interest_ack_timeout_ms > 60_000 {
+            return Err(bad(
+                "interest_ack_timeout_ms",
+                "must be at most 60000 (a join's reply waits that long for a stuck worker); 0 turns the wait off",
+            ));
+        }
         if let Some(a) = &self.advertise {
             if a.rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -395,6 +408,12 @@ impl GatewayConfig {
 
     pub(crate) fn link_heartbeat(&self) -> Duration {
         Duration::from_millis(self.link_heartbeat_ms)
+    }
+
+    /// The interest acknowledgement wait; `None` when off.
+    pub(crate) fn interest_ack_timeout(&self) -> Option<Duration> {
+        (self.interest_ack_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.interest_ack_timeout_ms))
     }
 
     pub(crate) fn shutdown_grace(&self) -> Duration {

@@ -10,6 +10,12 @@
 //! Group and uid tables store each member's [`ClientSender`] next to its
 //! sequence number, so a fan-out takes one lock and pushes the same shared
 //! [`Outbound`] bytes to every member.
+//!
+//! Interest: a group or uid gaining its first or losing its last member here
+//! is a change of the gateway's *interest set*, numbered by the interest
+//! version and broadcast to every link task in version order (see
+//! [`Hub::interest_snapshot`]). Lock order: the interest epoch, then a
+//! client shard, then a group or uid shard, then the version counter.
 
 use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -270,7 +276,15 @@ impl std::hash::Hasher for SeqHasher {
     }
 }
 
-type Members = HashMap<u64, ClientSender, SeqHashState>;
+/// The members of one group or uid here.
+#[derive(Debug, Default)]
+struct Members {
+    clients: HashMap<u64, ClientSender, SeqHashState>,
+    /// The interest version that announced this key here (its first
+    /// member): a join or bind of the key is visible to the workers that
+    /// acknowledged it.
+    announced: u64,
+}
 
 /// The gateway's client tables.
 pub(crate) struct Hub {
@@ -286,10 +300,16 @@ pub(crate) struct Hub {
     /// a link takes a snapshot and subscribes: so a snapshot never misses,
     /// nor is overtaken by, a change.
     interest_epoch: RwLock<()>,
+    /// The version of the last interest change. Taken (after the table
+    /// shard) around numbering a change *and* sending it, so changes enter
+    /// the broadcast in version order. Starts at 1, the empty set the
+    /// gateway starts with: every snapshot has a version a peer can
+    /// acknowledge (a peer that acknowledged nothing is never waited for).
+    interest_version: Mutex<u64>,
 }
 
 /// Which membership table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Table {
     Groups,
     Uids,
@@ -301,21 +321,57 @@ pub(crate) struct InterestChange {
     pub(crate) table: Table,
     pub(crate) key: Arc<str>,
     pub(crate) added: bool,
+    /// Its number: one more than the change before it.
+    pub(crate) version: u64,
 }
 
-impl InterestChange {
-    /// The change as a link frame body.
-    pub(crate) fn to_pb(&self) -> pb::Interest {
-        let mut i = pb::Interest::default();
-        let k = self.key.to_string();
-        match (self.table, self.added) {
-            (Table::Groups, true) => i.groups_added.push(k),
-            (Table::Groups, false) => i.groups_removed.push(k),
-            (Table::Uids, true) => i.uids_added.push(k),
-            (Table::Uids, false) => i.uids_removed.push(k),
+/// Interest changes folded into one delta frame: the last change of each
+/// key wins (a group added then removed is only removed), and the frame's
+/// version is the newest change's.
+#[derive(Debug, Default)]
+pub(crate) struct InterestDelta {
+    keys: HashMap<(Table, Arc<str>), bool>,
+    version: u64,
+}
+
+impl InterestDelta {
+    pub(crate) fn push(&mut self, c: InterestChange) {
+        self.version = self.version.max(c.version);
+        self.keys.insert((c.table, c.key), c.added);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The delta as a link frame body.
+    pub(crate) fn into_pb(self) -> pb::Interest {
+        let mut i = pb::Interest {
+            version: self.version,
+            ..Default::default()
+        };
+        for ((table, key), added) in self.keys {
+            let k = key.to_string();
+            match (table, added) {
+                (Table::Groups, true) => i.groups_added.push(k),
+                (Table::Groups, false) => i.groups_removed.push(k),
+                (Table::Uids, true) => i.uids_added.push(k),
+                (Table::Uids, false) => i.uids_removed.push(k),
+            }
         }
         i
     }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Executed {
+    /// Client queues a send reached, or clients a command affected.
+    pub(crate) count: usize,
+    /// For a join or bind: the interest version that announced the group
+    /// or uid here. A worker that has not applied it may still leave this
+    /// gateway out of sends to it. 0 for every other command.
+    pub(crate) interest: u64,
 }
 
 /// A command that names something it cannot act on.
@@ -336,6 +392,7 @@ impl Hub {
             metrics,
             interest: broadcast::channel(INTEREST_BACKLOG).0,
             interest_epoch: RwLock::new(()),
+            interest_version: Mutex::new(1),
         }
     }
 
@@ -346,20 +403,40 @@ impl Hub {
         }
     }
 
-    /// Adds a member, announcing the key if it is new here.
-    fn add_member(&self, t: Table, key: Arc<str>, seq: u64, sender: ClientSender) {
+    /// Numbers an interest change and broadcasts it, in that order for
+    /// every change. Called with the key's table shard held.
+    fn announce(&self, table: Table, key: Arc<str>, added: bool) -> u64 {
+        let mut version = self.interest_version.lock();
+        *version += 1;
+        let _ = self.interest.send(InterestChange {
+            table,
+            key,
+            added,
+            version: *version,
+        });
+        *version
+    }
+
+    /// Adds a member, announcing the key if it is new here. Returns the
+    /// interest version that announced the key (now or earlier).
+    fn add_member(&self, t: Table, key: Arc<str>, seq: u64, sender: ClientSender) -> u64 {
         let _epoch = self.interest_epoch.read();
         let mut shard = self.table(t).shard(&*key).lock();
         let members = shard.entry(key.clone()).or_default();
-        let first = members.is_empty();
-        members.insert(seq, sender);
-        if first {
-            let _ = self.interest.send(InterestChange {
-                table: t,
-                key,
-                added: true,
-            });
+        if members.clients.is_empty() {
+            members.announced = self.announce(t, key, true);
         }
+        members.clients.insert(seq, sender);
+        members.announced
+    }
+
+    /// The interest version that announced `key` here (0: no member).
+    fn announced(&self, t: Table, key: &str) -> u64 {
+        self.table(t)
+            .shard(key)
+            .lock()
+            .get(key)
+            .map_or(0, |m| m.announced)
     }
 
     /// Removes a member, announcing the key if it has no member left.
@@ -367,20 +444,17 @@ impl Hub {
         let _epoch = self.interest_epoch.read();
         let mut shard = self.table(t).shard(key).lock();
         if let Some(members) = shard.get_mut(key) {
-            members.remove(&seq);
-            if members.is_empty() {
+            members.clients.remove(&seq);
+            if members.clients.is_empty() {
                 if let Some((k, _)) = shard.remove_entry(key) {
-                    let _ = self.interest.send(InterestChange {
-                        table: t,
-                        key: k,
-                        added: false,
-                    });
+                    self.announce(t, k, false);
                 }
             }
         }
     }
 
-    /// The full interest set now, and the changes after it.
+    /// The full interest set now, carrying the interest version it is
+    /// current at, and the changes after it.
     pub(crate) fn interest_snapshot(&self) -> (pb::Interest, broadcast::Receiver<InterestChange>) {
         let _epoch = self.interest_epoch.write();
         let rx = self.interest.subscribe();
@@ -394,9 +468,15 @@ impl Hub {
             reset: true,
             groups_added: keys(&self.groups),
             uids_added: keys(&self.uids),
+            version: self.interest_version(),
             ..Default::default()
         };
         (snapshot, rx)
+    }
+
+    /// The version of the last interest change (1: none yet).
+    pub(crate) fn interest_version(&self) -> u64 {
+        *self.interest_version.lock()
     }
 
     /// Registers a new, ready client and returns its id.
@@ -506,6 +586,18 @@ impl Hub {
 
     /// Runs one command. Returns how many client queues a send reached.
     pub(crate) fn execute(&self, cmd: Command) -> Result<usize, CommandError> {
+        self.execute_tracked(cmd).map(|done| done.count)
+    }
+
+    /// Runs one command and says which interest version its outcome
+    /// depends on.
+    pub(crate) fn execute_tracked(&self, cmd: Command) -> Result<Executed, CommandError> {
+        let mut interest = 0;
+        let count = self.run(cmd, &mut interest)?;
+        Ok(Executed { count, interest })
+    }
+
+    fn run(&self, cmd: Command, interest: &mut u64) -> Result<usize, CommandError> {
         match cmd {
             Command::SendToClients {
                 client_ids,
@@ -540,7 +632,7 @@ impl Hub {
                 for uid in uids {
                     let shard = self.uids.shard(uid.as_str()).lock();
                     if let Some(members) = shard.get(uid.as_str()) {
-                        for s in members.values() {
+                        for s in members.clients.values() {
                             n += self.push(s, &msg) as usize;
                         }
                     }
@@ -563,7 +655,7 @@ impl Hub {
                 for g in groups {
                     let shard = self.groups.shard(g.as_str()).lock();
                     if let Some(members) = shard.get(g.as_str()) {
-                        for (seq, s) in members {
+                        for (seq, s) in &members.clients {
                             if exclude.contains(seq) || (dedup && !seen.insert(*seq)) {
                                 continue;
                             }
@@ -599,7 +691,7 @@ impl Hub {
                 if let Some(old) = entry.uid.take() {
                     self.remove_member(Table::Uids, &old, seq);
                 }
-                self.add_member(Table::Uids, uid.clone(), seq, entry.sender.clone());
+                *interest = self.add_member(Table::Uids, uid.clone(), seq, entry.sender.clone());
                 entry.uid = Some(uid);
                 Ok(1)
             }
@@ -620,7 +712,10 @@ impl Hub {
                     return Ok(0);
                 };
                 if entry.groups.insert(group.clone()) {
-                    self.add_member(Table::Groups, group, seq, entry.sender.clone());
+                    *interest = self.add_member(Table::Groups, group, seq, entry.sender.clone());
+                } else {
+                    // Already a member: its key was announced when it joined.
+                    *interest = self.announced(Table::Groups, &group);
                 }
                 Ok(1)
             }
@@ -642,7 +737,7 @@ impl Hub {
                     .shard(group.as_str())
                     .lock()
                     .remove(group.as_str());
-                let members = members.unwrap_or_default();
+                let members = members.unwrap_or_default().clients;
                 for seq in members.keys() {
                     if let Some(e) = self.clients.shard(seq).lock().get_mut(seq) {
                         e.groups.remove(group.as_str());
@@ -775,7 +870,7 @@ impl Hub {
             .shard(key)
             .lock()
             .get(key)
-            .map(|m| m.keys().copied().collect())
+            .map(|m| m.clients.keys().copied().collect())
             .unwrap_or_default()
     }
 
@@ -812,7 +907,7 @@ impl Hub {
                 let mut all: Vec<(String, Vec<u64>)> = Vec::new();
                 for shard in self.groups.shards.iter() {
                     for (g, m) in shard.lock().iter() {
-                        all.push((g.to_string(), m.keys().copied().collect()));
+                        all.push((g.to_string(), m.clients.keys().copied().collect()));
                     }
                 }
                 all.sort();
@@ -844,6 +939,112 @@ mod tests {
     fn hub() -> Hub {
         let id = GatewayId::new(0x0123_4567_89ab).expect("valid id");
         Hub::new(id, Arc::new(Metrics::default()))
+    }
+
+    fn join(hub: &Hub, id: ClientId, group: &str) -> Executed {
+        hub.execute_tracked(Command::JoinGroup {
+            client_id: id,
+            group: group.into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn interest_changes_are_numbered_in_order_and_joins_report_the_version_they_depend_on() {
+        let hub = hub();
+        let limits = QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        let (snapshot, mut changes) = hub.interest_snapshot();
+        // Version 1 is the empty set a gateway starts with.
+        assert_eq!((snapshot.version, hub.interest_version()), (1, 1));
+        let a = hub.add_client(ClientShared::new(Wire::Ws, limits));
+        let b = hub.add_client(ClientShared::new(Wire::Ws, limits));
+
+        // The first member announces the group; later joins (and a join
+        // again) depend on that same announcement.
+        assert_eq!(join(&hub, a, "g").interest, 2);
+        assert_eq!(join(&hub, b, "g").interest, 2);
+        assert_eq!(join(&hub, a, "g").interest, 2);
+        let bind = hub
+            .execute_tracked(Command::BindUid {
+                client_id: a,
+                uid: "u".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            bind,
+            Executed {
+                count: 1,
+                interest: 3
+            }
+        );
+        for id in [a, b] {
+            hub.execute(Command::LeaveGroup {
+                client_id: id,
+                group: "g".into(),
+            })
+            .unwrap();
+        }
+        let send = hub
+            .execute_tracked(Command::SendToUids {
+                uids: vec!["u".into()],
+                payload: Payload::text("x"),
+            })
+            .unwrap();
+        assert_eq!(
+            send,
+            Executed {
+                count: 1,
+                interest: 0
+            }
+        );
+        assert_eq!(hub.interest_version(), 4);
+
+        let mut seen = Vec::new();
+        while let Ok(c) = changes.try_recv() {
+            seen.push((c.version, c.table, c.key.to_string(), c.added));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (2, Table::Groups, "g".into(), true),
+                (3, Table::Uids, "u".into(), true),
+                (4, Table::Groups, "g".into(), false),
+            ]
+        );
+        let (snapshot, _) = hub.interest_snapshot();
+        assert_eq!(snapshot.version, 4);
+        assert!(snapshot.reset && snapshot.groups_added.is_empty());
+        assert_eq!(snapshot.uids_added, vec!["u".to_string()]);
+        // Announced again after it was gone: a new version.
+        assert_eq!(join(&hub, b, "g").interest, 5);
+    }
+
+    #[test]
+    fn a_delta_keeps_the_last_change_of_each_key_and_the_newest_version() {
+        let change = |table, key: &str, added, version| InterestChange {
+            table,
+            key: key.into(),
+            added,
+            version,
+        };
+        let mut delta = InterestDelta::default();
+        assert!(delta.is_empty());
+        delta.push(change(Table::Groups, "g", true, 7));
+        delta.push(change(Table::Uids, "u", true, 8));
+        delta.push(change(Table::Groups, "g", false, 9));
+        delta.push(change(Table::Groups, "h", true, 10));
+        delta.push(change(Table::Uids, "u", false, 11));
+        delta.push(change(Table::Uids, "u", true, 12));
+        let i = delta.into_pb();
+        assert_eq!(i.version, 12);
+        assert!(!i.reset);
+        assert_eq!(i.groups_added, vec!["h".to_string()]);
+        assert_eq!(i.groups_removed, vec!["g".to_string()]);
+        assert_eq!(i.uids_added, vec!["u".to_string()]);
+        assert!(i.uids_removed.is_empty());
     }
 
     #[test]

@@ -151,6 +151,37 @@ impl State {
     pub(crate) fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+
+    /// The wait a join or bind needs before its outcome is shown to the
+    /// client: until every link but `except` (the joining link, whose
+    /// worker counts its own joins at once) whose peer acknowledges
+    /// interest has acknowledged `version`, at most
+    /// `interest_ack_timeout_ms`. `None` when nothing needs waiting for:
+    /// no version, the wait turned off, or every such peer is there
+    /// already. Counted in the metrics.
+    pub(crate) fn interest_wait(
+        &self,
+        except: Option<u64>,
+        version: u64,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + '_> {
+        if version == 0 {
+            return None;
+        }
+        let timeout = self.config().interest_ack_timeout()?;
+        if self.router.interest_settled(except, version) {
+            return None;
+        }
+        let metrics = &self.hub.metrics;
+        metrics
+            .interest_waits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(async move {
+            let lagging = self.router.await_interest(except, version, timeout).await;
+            metrics
+                .interest_ack_timeouts
+                .fetch_add(lagging as u64, std::sync::atomic::Ordering::Relaxed);
+        })
+    }
 }
 
 /// A fresh gateway id: 48 random bits, never zero.
@@ -189,6 +220,18 @@ const RESTART_ONLY: &[&str] = &[
 ];
 
 impl GatewayHandle {
+    /// The version of the gateway's last interest change (a group or uid
+    /// gaining its first or losing its last member here); 1: none yet.
+    pub fn interest_version(&self) -> u64 {
+        self.state.hub.interest_version()
+    }
+
+    /// Every link's interest acknowledgements (worker and push-client
+    /// links).
+    pub fn interest_acks(&self) -> Vec<routing::InterestAckState> {
+        self.state.router.interest_acks()
+    }
+
     /// Applies a new configuration to what can change at run time (limits,
     /// heartbeats, queues of new clients, rate limit, origins, proxies,
     /// timeouts, the handshake policy). New values apply to new connections

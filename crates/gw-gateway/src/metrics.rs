@@ -37,6 +37,12 @@ pub struct Metrics {
     pub links_refused: AtomicU64,
     /// Events written to workers and not yet acknowledged (all links).
     pub events_inflight: AtomicU64,
+    /// Joins and binds whose next link frame (or WebSocket upgrade) waited
+    /// for other links' peers to acknowledge the interest change.
+    pub interest_waits: AtomicU64,
+    /// Peers marked lagging: they did not acknowledge an interest change
+    /// within `interest_ack_timeout_ms` (each is counted once per miss).
+    pub interest_ack_timeouts: AtomicU64,
     /// Payload bytes received from clients.
     pub bytes_in: AtomicU64,
     /// Payload bytes queued to clients.
@@ -93,7 +99,7 @@ impl Metrics {
         let mut out = String::new();
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let current_clients = now.clients;
-        let rows: [(&str, &str, &str, u64); 18] = [
+        let rows: [(&str, &str, &str, u64); 20] = [
             (
                 "gateworker_gateway_connections",
                 "gauge",
@@ -171,6 +177,18 @@ impl Metrics {
                 "counter",
                 "Queries answered.",
                 c(&self.queries_in),
+            ),
+            (
+                "gateworker_gateway_interest_waits_total",
+                "counter",
+                "Joins and binds whose reply waited for other workers to acknowledge the interest change.",
+                c(&self.interest_waits),
+            ),
+            (
+                "gateworker_gateway_interest_ack_timeouts_total",
+                "counter",
+                "Peers that did not acknowledge an interest change in time (marked lagging).",
+                c(&self.interest_ack_timeouts),
             ),
             (
                 "gateworker_gateway_worker_links",

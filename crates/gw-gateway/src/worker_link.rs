@@ -8,8 +8,20 @@
 //! When the link ends, every event the worker had not acknowledged, and
 //! every event still queued for it, is routed again to another worker —
 //! the former flagged `redelivered` (at-least-once delivery).
+//!
+//! Interest: the actor sends the gateway's interest set when the link comes
+//! up and every change after it, each frame carrying the interest version
+//! it brings the peer up to; the peer answers `InterestAck`. When a join or
+//! bind from this link depends on an interest version some other link's
+//! peer has not acknowledged yet, the actor handles no further frame from
+//! its peer (typically the reply to the client that joined) until they
+//! have, or `interest_ack_timeout_ms` passed. Meanwhile it keeps writing
+//! events and interest, handles `InterestAck`s at once and holds the other
+//! frames, in order, up to [`HELD_FRAMES_MAX`] / [`HELD_BYTES_MAX`].
 
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +30,34 @@ use futures_util::{SinkExt, StreamExt};
 use gw_link::{error_frame, frame, FramedLink, Peer};
 use gw_protocol::pb::{self, link_frame::Body, Role};
 use gw_protocol::{codes, Command, Query};
+use prost::Message as _;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::hub::{Executed, InterestChange, InterestDelta};
 use crate::routing::{RoutedEvent, WorkerSlot};
 use crate::State;
+
+/// Frames from the peer held while its link waits for interest
+/// acknowledgements; past this the link stops reading until the wait ends.
+const HELD_FRAMES_MAX: usize = 1024;
+/// Bytes (encoded) of held frames past which the link stops reading.
+const HELD_BYTES_MAX: usize = 1 << 20;
+
+/// A wait for other links' interest acknowledgements.
+type Barrier<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What to do after a frame from the peer.
+enum Step {
+    Next,
+    /// A join or bind depends on this interest version; its CommandReply,
+    /// if it asked for one, is sent once the wait is over.
+    Wait {
+        version: u64,
+        reply: Option<pb::LinkFrame>,
+    },
+    End(LinkEnd),
+}
 
 /// Why a worker link ended.
 #[derive(Debug)]
@@ -39,7 +75,7 @@ pub(crate) async fn serve(
 ) {
     let cfg = state.config();
     let cfg = &*cfg;
-    let (slot, mut queue) = state.router.add(cfg.worker_queue);
+    let (slot, mut queue) = state.router.add(cfg.worker_queue, &peer.node_id);
     let is_worker = peer.role == Role::Worker;
     if !is_worker {
         // A push client sends commands and queries; it takes no events.
@@ -71,8 +107,17 @@ pub(crate) async fn serve(
     let heartbeat = cfg.link_heartbeat();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
+    // Set while a join or bind of this link waits for other links' peers to
+    // acknowledge its interest change; frames that arrive meanwhile (other
+    // than interest acks) wait in `held`, in order, with their sizes.
+    let mut barrier: Option<Barrier<'_>> = None;
+    let mut held: VecDeque<(usize, pb::LinkFrame)> = VecDeque::new();
+    let mut held_bytes = 0;
+    // The CommandReply of the join or bind being waited for.
+    let mut deferred_reply: Option<pb::LinkFrame> = None;
 
-    let end = loop {
+    let end = 'session: loop {
+        let reading = held.len() < HELD_FRAMES_MAX && held_bytes < HELD_BYTES_MAX;
         tokio::select! {
             _ = shutdown.cancelled() => break LinkEnd::Shutdown,
             ev = queue.recv(), if inflight.len() < window => {
@@ -119,15 +164,12 @@ pub(crate) async fn serve(
                 let body = match change {
                     Ok(first) => {
                         // Coalesce what is ready into one frame.
-                        let mut delta = first.to_pb();
+                        let mut delta = InterestDelta::default();
+                        delta.push(first);
                         while let Ok(c) = interest.try_recv() {
-                            let d = c.to_pb();
-                            delta.groups_added.extend(d.groups_added);
-                            delta.groups_removed.extend(d.groups_removed);
-                            delta.uids_added.extend(d.uids_added);
-                            delta.uids_removed.extend(d.uids_removed);
+                            delta.push(c);
                         }
-                        delta
+                        delta.into_pb()
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: start over from a full snapshot.
@@ -141,7 +183,7 @@ pub(crate) async fn serve(
                     break LinkEnd::Failed(e.to_string());
                 }
             }
-            f = link.next() => {
+            f = link.next(), if reading => {
                 let f = match f {
                     None => break LinkEnd::Failed("worker closed the link".into()),
                     Some(Err(e)) => {
@@ -153,53 +195,76 @@ pub(crate) async fn serve(
                     Some(Ok(f)) => f,
                 };
                 last_heard = Instant::now();
-                // A join or bind from this link is confirmed to it as
-                // interest, after every older interest change: the worker
-                // counts its own joins as interest until then.
-                let confirm = match &f.body {
-                    Some(Body::Command(pb::Command { kind: Some(pb::command::Kind::JoinGroup(j)), .. })) => {
-                        Some(pb::Interest { groups_added: vec![j.group.clone()], ..Default::default() })
-                    }
-                    Some(Body::Command(pb::Command { kind: Some(pb::command::Kind::BindUid(b)), .. })) => {
-                        Some(pb::Interest { uids_added: vec![b.uid.clone()], ..Default::default() })
-                    }
-                    _ => None,
-                };
-                if confirm.is_some() {
-                    let mut older = pb::Interest::default();
-                    while let Ok(c) = interest.try_recv() {
-                        let d = c.to_pb();
-                        older.groups_added.extend(d.groups_added);
-                        older.groups_removed.extend(d.groups_removed);
-                        older.uids_added.extend(d.uids_added);
-                        older.uids_removed.extend(d.uids_removed);
-                    }
-                    if older != pb::Interest::default() {
-                        if let Err(e) = link.feed(frame(Body::Interest(older))).await {
-                            break LinkEnd::Failed(e.to_string());
-                        }
-                    }
+                if let Some(Body::InterestAck(a)) = &f.body {
+                    // Taken at once, also while this link waits: another
+                    // link may be waiting for it.
+                    state.router.note_interest_ack(&slot, a.version);
+                    continue;
                 }
-                let mut applied = 0;
-                match handle_frame(&state, &peer, &slot, f, &mut inflight, &mut link, &mut applied).await {
-                    Ok(None) if confirm.is_some() && applied > 0 => {
-                        if let Err(e) = link.send(frame(Body::Interest(confirm.expect("checked")))).await {
-                            break LinkEnd::Failed(e.to_string());
-                        }
+                // Handled below, unless it has to wait (then its size
+                // counts against the bound on held frames).
+                let len = if barrier.is_some() { f.encoded_len() } else { 0 };
+                held_bytes += len;
+                held.push_back((len, f));
+            }
+            () = async { barrier.as_mut().expect("guarded by the condition").await }, if barrier.is_some() => {
+                barrier = None;
+                if !reading {
+                    // Frames may have waited unread: that was us, not the peer.
+                    last_heard = Instant::now();
+                }
+                if let Some(reply) = deferred_reply.take() {
+                    if let Err(e) = link.send(reply).await {
+                        break LinkEnd::Failed(e.to_string());
                     }
-                    Ok(None) => {}
-                    Ok(Some(end)) => break end,
-                    Err(e) => break LinkEnd::Failed(e),
                 }
             }
             _ = tick.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
+                // Not reading (held frames at their bound) is not silence.
+                if reading && last_heard.elapsed() > heartbeat * 3 {
                     let _ = link.send(error_frame(codes::LINK_HEARTBEAT_TIMEOUT, "no frame within 3 heartbeats")).await;
                     break LinkEnd::Failed("heartbeat timeout".into());
                 }
                 if let Err(e) = link.send(frame(Body::Ping(pb::Ping { nonce: 0 }))).await {
                     break LinkEnd::Failed(e.to_string());
                 }
+            }
+        }
+        // Frames from the peer, in order, until one has to wait.
+        while barrier.is_none() {
+            let Some((len, f)) = held.pop_front() else {
+                break;
+            };
+            held_bytes -= len;
+            match peer_frame(
+                &state,
+                &peer,
+                &slot,
+                f,
+                &mut inflight,
+                &mut link,
+                &mut interest,
+            )
+            .await
+            {
+                Ok(Step::Next) => {}
+                Ok(Step::Wait { version, reply }) => {
+                    barrier = state
+                        .interest_wait(Some(slot.key), version)
+                        .map(|w| Box::pin(w) as Barrier<'_>);
+                    // A join's or bind's own answer waits too.
+                    match reply {
+                        Some(r) if barrier.is_some() => deferred_reply = Some(r),
+                        Some(r) => {
+                            if let Err(e) = link.send(r).await {
+                                break 'session LinkEnd::Failed(e.to_string());
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Ok(Step::End(end)) => break 'session end,
+                Err(e) => break 'session LinkEnd::Failed(e),
             }
         }
     };
@@ -276,7 +341,74 @@ pub(crate) async fn serve(
     });
 }
 
-/// Handles one frame from the worker. `Ok(Some(_))` ends the link.
+/// Handles one frame from the peer (an `InterestAck` is taken before).
+/// A join or bind from this link is confirmed to it as interest, after
+/// every older interest change: the worker counts its own joins as
+/// interest until then (those confirmations carry no version: the peer's
+/// acknowledgement of them would claim changes it has not seen).
+async fn peer_frame(
+    state: &State,
+    peer: &Peer,
+    slot: &WorkerSlot,
+    f: pb::LinkFrame,
+    inflight: &mut Inflight,
+    link: &mut FramedLink,
+    interest: &mut broadcast::Receiver<InterestChange>,
+) -> Result<Step, String> {
+    let confirm = match &f.body {
+        Some(Body::Command(pb::Command {
+            kind: Some(pb::command::Kind::JoinGroup(j)),
+            ..
+        })) => Some(pb::Interest {
+            groups_added: vec![j.group.clone()],
+            ..Default::default()
+        }),
+        Some(Body::Command(pb::Command {
+            kind: Some(pb::command::Kind::BindUid(b)),
+            ..
+        })) => Some(pb::Interest {
+            uids_added: vec![b.uid.clone()],
+            ..Default::default()
+        }),
+        _ => None,
+    };
+    if confirm.is_some() {
+        let mut older = InterestDelta::default();
+        while let Ok(c) = interest.try_recv() {
+            older.push(c);
+        }
+        if !older.is_empty() {
+            link.send(frame(Body::Interest(older.into_pb())))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut executed = None;
+    if let Some(end) = handle_frame(state, peer, slot, f, inflight, link, &mut executed).await? {
+        return Ok(Step::End(end));
+    }
+    let Some((done, reply)) = executed else {
+        return Ok(Step::Next);
+    };
+    if let Some(confirm) = confirm.filter(|_| done.count > 0) {
+        link.send(frame(Body::Interest(confirm)))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(if done.interest > 0 {
+        Step::Wait {
+            version: done.interest,
+            reply,
+        }
+    } else {
+        Step::Next
+    })
+}
+
+/// Handles one frame from the worker. `Ok(Some(_))` ends the link. A
+/// command that ran leaves its outcome in `executed`, with its
+/// CommandReply when it is a join or bind (whose answer may have to wait
+/// for interest acknowledgements); other replies are sent here.
 async fn handle_frame(
     state: &State,
     peer: &Peer,
@@ -284,7 +416,7 @@ async fn handle_frame(
     f: pb::LinkFrame,
     inflight: &mut Inflight,
     link: &mut FramedLink,
-    applied: &mut usize,
+    executed: &mut Option<(Executed, Option<pb::LinkFrame>)>,
 ) -> Result<Option<LinkEnd>, String> {
     let metrics = &state.hub.metrics;
     match f.body {
@@ -301,10 +433,11 @@ async fn handle_frame(
             let id = c.id;
             let result = Command::try_from(c)
                 .map_err(|e| e.to_string())
-                .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
-            if let Ok(n) = &result {
-                *applied = *n;
-            }
+                .and_then(|cmd| state.hub.execute_tracked(cmd).map_err(|e| e.to_string()));
+            let result = result.map(|done| {
+                *executed = Some((done, None));
+                done.count
+            });
             if let Err(e) = &result {
                 metrics.commands_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = %peer.node_id, error = %e, "command refused");
@@ -327,8 +460,12 @@ async fn handle_frame(
                     ..Default::default()
                 })),
             };
-            if let Some(reply) = reply {
-                link.send(frame(reply)).await.map_err(|e| e.to_string())?;
+            match (reply, executed.as_mut()) {
+                (Some(reply), Some((done, later))) if done.interest > 0 => {
+                    *later = Some(frame(reply));
+                }
+                (Some(reply), _) => link.send(frame(reply)).await.map_err(|e| e.to_string())?,
+                (None, _) => {}
             }
         }
         Some(Body::Query(q)) => {

@@ -140,6 +140,37 @@ mod tests {
         ));
     }
 
+    /// The interest version is a new field: an unversioned frame (an older
+    /// gateway's) reads as version 0, and an older reader skips it.
+    #[test]
+    fn interest_versions_stay_wire_compatible() {
+        #[derive(Clone, PartialEq, Message)]
+        struct InterestBeforeVersions {
+            #[prost(bool, tag = "1")]
+            reset: bool,
+            #[prost(string, repeated, tag = "2")]
+            groups_added: Vec<String>,
+        }
+        let old = InterestBeforeVersions {
+            reset: true,
+            groups_added: vec!["g".into()],
+        };
+        let new = pb::Interest::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!((new.reset, new.version), (true, 0));
+        assert_eq!(new.groups_added, ["g"]);
+        let versioned = pb::Interest { version: 42, ..new };
+        let read_by_old =
+            InterestBeforeVersions::decode(versioned.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(read_by_old, old);
+
+        let ack = LinkFrame {
+            body: Some(Body::InterestAck(pb::InterestAck { version: 42 })),
+        };
+        let mut buf = BytesMut::new();
+        encode(&ack, DEFAULT_MAX_FRAME, &mut buf).unwrap();
+        assert_eq!(decode(&mut buf, DEFAULT_MAX_FRAME).unwrap(), Some(ack));
+    }
+
     #[test]
     fn encode_refuses_frames_over_the_cap() {
         let mut buf = BytesMut::new();

@@ -70,8 +70,13 @@ fn seeds() -> Vec<(&'static str, LinkFrame)> {
             f(Body::Interest(pb::Interest {
                 reset: true,
                 groups_added: vec!["g".into()],
+                version: 3,
                 ..Default::default()
             })),
+        ),
+        (
+            "interest_ack",
+            f(Body::InterestAck(pb::InterestAck { version: 3 })),
         ),
         (
             "hello",

@@ -10,6 +10,14 @@
 //! Read-your-writes: commands and queries to one gateway travel on one
 //! ordered link and the gateway applies them in order, so a query issued
 //! after a command (from the same worker) sees its effect.
+//!
+//! Sends to groups and uids go only to gateways with members for them (each
+//! gateway's `Interest`). This worker's own joins and binds count at once;
+//! another worker's count once this worker has applied the gateway's change
+//! and acknowledged it. A gateway holds back the joining worker's next
+//! frame (its reply to the client, typically) until every acknowledging
+//! worker has, so once a client sees the reply to its join or bind, sends
+//! from any worker include it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

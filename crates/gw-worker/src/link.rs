@@ -1,7 +1,9 @@
 //! One gateway's link, as seen from the worker: an actor task that owns the
 //! socket, reconnects with backoff while the gateway is listed, hands events
 //! to the executor and carries commands, queries and acks out (batched: one
-//! flush for everything ready).
+//! flush for everything ready). It keeps the gateway's interest set (which
+//! groups and uids have members there) and acknowledges each versioned
+//! change once applied (`InterestAck`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -176,7 +178,17 @@ async fn session<H: EventHandler>(
                         }
                     }
                     Some(Body::Interest(i)) => {
+                        let version = i.version;
                         handle.inner.interest.write().entry(gateway).or_default().apply(i);
+                        // Applied: group and uid sends from now on include
+                        // the gateway's changes up to `version`. The gateway
+                        // may be holding a client's join reply until we say so.
+                        if version > 0 {
+                            let ack = frame(Body::InterestAck(pb::InterestAck { version }));
+                            if let Err(e) = link.send(ack).await {
+                                break SessionEnd::Lost(e.to_string());
+                            }
+                        }
                     }
                     Some(Body::CommandReply(r)) => {
                         if let Some(waiter) = pending.lock().remove(&r.id) {

@@ -385,11 +385,22 @@ async fn ws_handshake(
                 reason: reply.reason,
             });
         }
-        if let Err(e) = apply_accept(state, client_id, reply) {
-            return Err(Refusal {
-                status: 500,
-                reason: format!("worker sent an invalid handshake reply: {e}"),
-            });
+        match apply_accept(state, client_id, reply) {
+            // A uid or group given at the handshake: the client sees the
+            // upgrade only once every worker that acknowledges interest
+            // routes sends to it here. The deciding worker too (it does not
+            // count handshake memberships as its own joins).
+            Ok(interest) => {
+                if let Some(wait) = state.interest_wait(None, interest) {
+                    wait.await;
+                }
+            }
+            Err(e) => {
+                return Err(Refusal {
+                    status: 500,
+                    reason: format!("worker sent an invalid handshake reply: {e}"),
+                });
+            }
         }
     }
     if let Err(e) = respond_upgrade(stream, &req).await {
@@ -402,12 +413,13 @@ async fn ws_handshake(
 }
 
 /// Applies what an accepting worker set: session, uid, groups (validated
-/// like the equivalent commands).
+/// like the equivalent commands). Returns the newest interest version the
+/// uid and groups depend on (0: none).
 fn apply_accept(
     state: &State,
     client_id: ClientId,
     reply: pb::HandshakeReply,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     use gw_protocol::domain::name;
     use gw_protocol::Command;
     let mut cmds = Vec::new();
@@ -431,10 +443,12 @@ fn apply_accept(
         let group = name("group", group).map_err(|e| e.to_string())?;
         cmds.push(Command::JoinGroup { client_id, group });
     }
+    let mut interest = 0;
     for cmd in cmds {
-        state.hub.execute(cmd).map_err(|e| e.to_string())?;
+        let done = state.hub.execute_tracked(cmd).map_err(|e| e.to_string())?;
+        interest = interest.max(done.interest);
     }
-    Ok(())
+    Ok(interest)
 }
 
 /// Why a connection ended.
