@@ -82,19 +82,16 @@ pub(crate) async fn serve(
         state.router.drain(&slot);
     }
     let metrics = state.hub.metrics.clone();
-    if is_worker {
-        metrics.worker_links.fetch_add(1, Ordering::Relaxed);
-    }
+    // Leaves routing (and the link count) when the link ends, and also if
+    // this task is dropped mid-await (a runtime shutting down): otherwise
+    // the slot would stay listed with a closed queue.
+    let mut registration = Registration::new(&state, slot.clone(), is_worker);
     tracing::info!(worker = %peer.node_id, addr = %peer.addr, "worker link up");
 
     // Our interest set first; changes follow as they happen.
     let (snapshot, mut interest) = state.hub.interest_snapshot();
     if let Err(e) = link.send(frame(Body::Interest(snapshot))).await {
         tracing::warn!(worker = %peer.node_id, error = %e, "worker link failed at start");
-        state.router.remove(&slot);
-        if is_worker {
-            metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
-        }
         return;
     }
 
@@ -271,10 +268,7 @@ pub(crate) async fn serve(
 
     // Out of routing first, so that nobody picks this link again, then close
     // the queue and collect what it still holds.
-    state.router.remove(&slot);
-    if is_worker {
-        metrics.worker_links.fetch_sub(1, Ordering::Relaxed);
-    }
+    registration.end();
     queue.close();
     metrics
         .events_inflight
@@ -339,6 +333,54 @@ pub(crate) async fn serve(
             }
         }
     });
+}
+
+/// A link's place in routing and in the `worker_links` gauge, given up
+/// once: by [`Registration::end`] or, if the link's task is dropped first,
+/// on drop.
+struct Registration {
+    state: Arc<State>,
+    slot: Arc<WorkerSlot>,
+    is_worker: bool,
+    ended: bool,
+}
+
+impl Registration {
+    fn new(state: &Arc<State>, slot: Arc<WorkerSlot>, is_worker: bool) -> Self {
+        if is_worker {
+            state
+                .hub
+                .metrics
+                .worker_links
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Registration {
+            state: state.clone(),
+            slot,
+            is_worker,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        self.state.router.remove(&self.slot);
+        if self.is_worker {
+            self.state
+                .hub
+                .metrics
+                .worker_links
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// Handles one frame from the peer (an `InterestAck` is taken before).
