@@ -6,15 +6,12 @@
 #   scripts/bench.sh            # figures as tables; JSON in target/bench/
 #   scripts/bench.sh echo       # only the scenarios whose name matches
 #   RUNS=3 scripts/bench.sh     # each scenario 3 times; medians in summary.json
-#   GWT=1 WT= scripts/bench.sh  # one gateway thread / a worker thread per core
+#   GWT= WT= scripts/bench.sh   # gateway / worker with one thread per core
 #
-# The gateway runs with its default of one runtime thread per core and the
-# worker with one thread (GWT / WT set GW_THREADS; empty = one per core).
-# On this 2-core box both share the cores with the generator: the gateway
-# has the per-delivery work that two threads parallelise (socket writes),
-# the worker only per-message work, for which a second thread costs more
-# in cross-thread wake-ups than it gains (docs/benchmarks.md has all three
-# settings).
+# The gateway and the worker run with one runtime thread each by default
+# (GWT / WT set GW_THREADS): on this 2-core box they share the cores with
+# the generator, and one thread per process avoids cross-thread wake-ups
+# that cost more than they parallelise (docs/benchmarks.md has both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins --quiet
@@ -24,7 +21,7 @@ mkdir -p "$OUT"
 S=bench-secret-123
 REG=127.0.0.1:19236
 WS=ws://127.0.0.1:19272
-GWT=${GWT-}
+GWT=${GWT-1}
 WT=${WT-1}
 RUNS=${RUNS:-1}
 pids=()
