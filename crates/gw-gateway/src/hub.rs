@@ -14,8 +14,10 @@
 //! Interest: a group or uid gaining its first or losing its last member here
 //! is a change of the gateway's *interest set*, numbered by the interest
 //! version and broadcast to every link task in version order (see
-//! [`Hub::interest_snapshot`]). Lock order: the interest epoch, then a
-//! client shard, then a group or uid shard, then the version counter.
+//! [`Hub::interest_snapshot`]). Lock order: a client shard, then the
+//! interest epoch (shared), then a group or uid shard, then the version
+//! counter; a snapshot takes the epoch exclusively and then group and uid
+//! shards only.
 
 use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -340,6 +342,7 @@ impl InterestDelta {
         self.keys.insert((c.table, c.key), c.added);
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

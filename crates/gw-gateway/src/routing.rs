@@ -208,6 +208,16 @@ impl Router {
                 break;
             }
         }
+        self.mark_lagging(
+            except,
+            version,
+            "did not acknowledge an interest change in time",
+        )
+    }
+
+    /// Marks the links (but `except`) still behind `version` as lagging: not
+    /// waited for again until they acknowledge it. Returns how many.
+    pub(crate) fn mark_lagging(&self, except: Option<u64>, version: u64, why: &str) -> usize {
         let behind: Vec<Arc<WorkerSlot>> = self
             .slots
             .read()
@@ -221,9 +231,12 @@ impl Router {
                 peer = %s.node_id,
                 acked = s.interest_acked.load(Ordering::Acquire),
                 version,
-                timeout_ms = timeout.as_millis() as u64,
-                "peer did not acknowledge an interest change in time; not waiting for it until it catches up"
+                "peer {why}; not waiting for it until it catches up"
             );
+        }
+        if !behind.is_empty() {
+            // Other waits may have been waiting for these links only.
+            self.interest_progress.notify_waiters();
         }
         behind.len()
     }

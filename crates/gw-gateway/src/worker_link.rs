@@ -108,13 +108,17 @@ pub(crate) async fn serve(
     // acknowledge its interest change; frames that arrive meanwhile (other
     // than interest acks) wait in `held`, in order, with their sizes.
     let mut barrier: Option<Barrier<'_>> = None;
+    // The interest version `barrier` waits for.
+    let mut barrier_version = 0;
     let mut held: VecDeque<(usize, pb::LinkFrame)> = VecDeque::new();
     let mut held_bytes = 0;
     // The CommandReply of the join or bind being waited for.
     let mut deferred_reply: Option<pb::LinkFrame> = None;
+    // The peer closed its side while frames of it were held: those are
+    // still handled (its last acks and commands), then the link ends.
+    let mut peer_closed = false;
 
     let end = 'session: loop {
-        let reading = held.len() < HELD_FRAMES_MAX && held_bytes < HELD_BYTES_MAX;
         tokio::select! {
             _ = shutdown.cancelled() => break LinkEnd::Shutdown,
             ev = queue.recv(), if inflight.len() < window => {
@@ -163,26 +167,27 @@ pub(crate) async fn serve(
                         // Coalesce what is ready into one frame.
                         let mut delta = InterestDelta::default();
                         delta.push(first);
-                        while let Ok(c) = interest.try_recv() {
-                            delta.push(c);
-                        }
-                        delta.into_pb()
+                        take_ready_interest(&state, &mut interest, delta)
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: start over from a full snapshot.
                         let (snapshot, rx) = state.hub.interest_snapshot();
                         interest = rx;
                         snapshot
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break LinkEnd::Shutdown,
+                    Err(broadcast::error::RecvError::Closed) => break LinkEnd::Shutdown,
                 };
                 if let Err(e) = link.send(frame(Body::Interest(body))).await {
                     break LinkEnd::Failed(e.to_string());
                 }
             }
-            f = link.next(), if reading => {
+            f = link.next(), if !peer_closed => {
                 let f = match f {
-                    None => break LinkEnd::Failed("worker closed the link".into()),
+                    None if barrier.is_none() && held.is_empty() => break LinkEnd::Failed("worker closed the link".into()),
+                    None => {
+                        peer_closed = true;
+                        continue;
+                    }
                     Some(Err(e)) => {
                         let code = match &e { gw_link::LinkError::Frame(f) => f.code(), _ => codes::LINK_MALFORMED };
                         tracing::warn!(worker = %peer.node_id, addr = %peer.addr, error = %e, "bad frame from worker");
@@ -203,13 +208,29 @@ pub(crate) async fn serve(
                 let len = if barrier.is_some() { f.encoded_len() } else { 0 };
                 held_bytes += len;
                 held.push_back((len, f));
+                if barrier.is_some() && (held.len() >= HELD_FRAMES_MAX || held_bytes >= HELD_BYTES_MAX) {
+                    // The peer is never left unread (it must stay free to
+                    // read our events and to acknowledge, or two links
+                    // could block each other), so one that sends this much
+                    // meanwhile ends the wait early. Nobody is marked
+                    // lagging: the others may just not have had the time.
+                    tracing::info!(
+                        worker = %peer.node_id,
+                        version = barrier_version,
+                        held = held.len(),
+                        held_bytes,
+                        "interest wait cut short: the peer sent more than is held meanwhile"
+                    );
+                    barrier = None;
+                    if let Some(reply) = deferred_reply.take() {
+                        if let Err(e) = link.send(reply).await {
+                            break LinkEnd::Failed(e.to_string());
+                        }
+                    }
+                }
             }
             () = async { barrier.as_mut().expect("guarded by the condition").await }, if barrier.is_some() => {
                 barrier = None;
-                if !reading {
-                    // Frames may have waited unread: that was us, not the peer.
-                    last_heard = Instant::now();
-                }
                 if let Some(reply) = deferred_reply.take() {
                     if let Err(e) = link.send(reply).await {
                         break LinkEnd::Failed(e.to_string());
@@ -217,8 +238,7 @@ pub(crate) async fn serve(
                 }
             }
             _ = tick.tick() => {
-                // Not reading (held frames at their bound) is not silence.
-                if reading && last_heard.elapsed() > heartbeat * 3 {
+                if !peer_closed && last_heard.elapsed() > heartbeat * 3 {
                     let _ = link.send(error_frame(codes::LINK_HEARTBEAT_TIMEOUT, "no frame within 3 heartbeats")).await;
                     break LinkEnd::Failed("heartbeat timeout".into());
                 }
@@ -246,6 +266,7 @@ pub(crate) async fn serve(
             {
                 Ok(Step::Next) => {}
                 Ok(Step::Wait { version, reply }) => {
+                    barrier_version = version;
                     barrier = state
                         .interest_wait(Some(slot.key), version)
                         .map(|w| Box::pin(w) as Barrier<'_>);
@@ -263,6 +284,9 @@ pub(crate) async fn serve(
                 Ok(Step::End(end)) => break 'session end,
                 Err(e) => break 'session LinkEnd::Failed(e),
             }
+        }
+        if peer_closed && barrier.is_none() && held.is_empty() {
+            break LinkEnd::Failed("worker closed the link".into());
         }
     };
 
@@ -333,6 +357,29 @@ pub(crate) async fn serve(
             }
         }
     });
+}
+
+/// `delta` plus every interest change ready on `interest`, as one frame
+/// body; a full snapshot instead (and a fresh receiver) if the receiver
+/// fell behind: `try_recv` reports a lag once and then goes on from the
+/// oldest change it still has, so the changes it skipped would otherwise
+/// never be sent while the frame's version claimed them.
+fn take_ready_interest(
+    state: &State,
+    interest: &mut broadcast::Receiver<InterestChange>,
+    mut delta: InterestDelta,
+) -> pb::Interest {
+    loop {
+        match interest.try_recv() {
+            Ok(c) => delta.push(c),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                let (snapshot, rx) = state.hub.interest_snapshot();
+                *interest = rx;
+                return snapshot;
+            }
+            Err(_) => return delta.into_pb(),
+        }
+    }
 }
 
 /// A link's place in routing and in the `worker_links` gauge, given up
@@ -415,12 +462,9 @@ async fn peer_frame(
         _ => None,
     };
     if confirm.is_some() {
-        let mut older = InterestDelta::default();
-        while let Ok(c) = interest.try_recv() {
-            older.push(c);
-        }
-        if !older.is_empty() {
-            link.send(frame(Body::Interest(older.into_pb())))
+        let older = take_ready_interest(state, interest, InterestDelta::default());
+        if older != pb::Interest::default() {
+            link.send(frame(Body::Interest(older)))
                 .await
                 .map_err(|e| e.to_string())?;
         }

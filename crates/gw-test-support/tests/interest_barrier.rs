@@ -338,3 +338,141 @@ async fn a_whisper_right_after_a_login_on_another_gateway_arrives() -> anyhow::R
     c.stop().await;
     Ok(())
 }
+
+/// A peer that closes its side while its link waits: what it sent before
+/// the close (held behind the wait) is still handled once the wait ends.
+/// A worker stopping gracefully sends its last commands and acks, then
+/// half-closes; dropping them would lose the commands and redeliver the
+/// events the acks were for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_before_a_close_are_handled_after_the_wait() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut c = Cluster::start(1).await?;
+    c.add_worker(Chat).await?;
+    let gw = &c.gateways[0];
+    // Acknowledges its snapshot, then nothing: a join of a new group waits
+    // for it until the timeout (1 s).
+    let stuck = acking_raw_link(gw, "stuck").await?;
+    let (mut bob, bob_id) = WsClient::connect_chat(&gw.ws_url).await?;
+
+    let (mut pusher, _) = gw_link::connect(
+        &gw.internal_addr.to_string(),
+        SECRET.as_bytes(),
+        Role::PushClient,
+        "pusher",
+        16 << 20,
+        Duration::from_secs(2),
+    )
+    .await?;
+    let command = |kind| {
+        frame(Body::Command(pb::Command {
+            id: 0,
+            kind: Some(kind),
+        }))
+    };
+    pusher
+        .feed(command(pb::command::Kind::JoinGroup(pb::JoinGroup {
+            client_id: bob_id.clone(),
+            group: "fresh".into(),
+        })))
+        .await?;
+    pusher
+        .feed(command(pb::command::Kind::SendToClients(
+            pb::SendToClients {
+                client_ids: vec![bob_id],
+                payload: Some(pb::Payload {
+                    data: br#"{"type":"after-join"}"#.as_slice().into(),
+                    binary: false,
+                }),
+            },
+        )))
+        .await?;
+    pusher.flush().await?;
+    // Closed while the send is held behind the join's wait.
+    pusher.get_mut().shutdown().await?;
+    assert_eq!(bob.recv_type("after-join").await?["type"], "after-join");
+    assert_eq!(waits(gw), 1);
+    assert_eq!(timeouts(gw), 1);
+    // The gateway ends the link once it has handled what was held.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = pusher.next().await {}
+    })
+    .await?;
+    drop(stuck);
+    c.stop().await;
+    Ok(())
+}
+
+/// A peer that sends more than the gateway holds while its link waits ends
+/// the wait early instead of being left unread (it must stay free to read
+/// its events and to acknowledge), and everything it sent is handled in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_past_the_held_bound_ends_the_wait_early() -> anyhow::Result<()> {
+    let mut c = Cluster::start(0).await?;
+    let mut config = gw_test_support::gateway_config(&[c.register_addr]);
+    // A wait this long would outlast the test: only the bound can end it.
+    config.interest_ack_timeout_ms = 50_000;
+    config.handshake_timeout_ms = 60_000;
+    c.add_gateway(config).await?;
+    c.add_worker(Chat).await?;
+    let gw = &c.gateways[0];
+    let stuck = acking_raw_link(gw, "stuck").await?;
+    let (mut bob, bob_id) = WsClient::connect_chat(&gw.ws_url).await?;
+
+    let (mut pusher, _) = gw_link::connect(
+        &gw.internal_addr.to_string(),
+        SECRET.as_bytes(),
+        Role::PushClient,
+        "pusher",
+        16 << 20,
+        Duration::from_secs(2),
+    )
+    .await?;
+    let command = |kind| {
+        frame(Body::Command(pb::Command {
+            id: 0,
+            kind: Some(kind),
+        }))
+    };
+    pusher
+        .feed(command(pb::command::Kind::JoinGroup(pb::JoinGroup {
+            client_id: bob_id.clone(),
+            group: "fresh".into(),
+        })))
+        .await?;
+    // 20 sends of 64 KiB to a uid nobody has: 1.25 MiB held, past the
+    // 1 MiB bound. Then one to bob, which must come after all of them.
+    let big = format!("\"{}\"", "x".repeat(64 * 1024));
+    for _ in 0..20 {
+        pusher
+            .feed(command(pb::command::Kind::SendToUids(pb::SendToUids {
+                uids: vec!["nobody".into()],
+                payload: Some(pb::Payload {
+                    data: big.clone().into_bytes().into(),
+                    binary: false,
+                }),
+            })))
+            .await?;
+    }
+    pusher
+        .feed(command(pb::command::Kind::SendToClients(
+            pb::SendToClients {
+                client_ids: vec![bob_id],
+                payload: Some(pb::Payload {
+                    data: br#"{"type":"after-the-burst"}"#.as_slice().into(),
+                    binary: false,
+                }),
+            },
+        )))
+        .await?;
+    pusher.flush().await?;
+    bob.recv_type("after-the-burst").await?;
+    assert_eq!(waits(gw), 1);
+    // Cut short, not timed out: nobody is marked lagging.
+    assert_eq!(timeouts(gw), 0);
+    assert!(!ack_state(gw, "stuck").lagging);
+    drop((stuck, pusher));
+    c.stop().await;
+    Ok(())
+}
