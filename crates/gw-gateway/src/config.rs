@@ -380,6 +380,17 @@ impl GatewayConfig {
                 "must be at most 60000 (a join's reply waits that long for a stuck worker); 0 turns the wait off",
             ));
         }
+        if self.interest_ack_timeout_ms > 0
+            && self.interest_ack_timeout_ms >= self.handshake_timeout_ms
+        {
+            // An upgrade that binds or joins waits inside the handshake
+            // timeout: a longer wait would be cut off by it, the late peer
+            // never marked lagging, and every such upgrade refused.
+            return Err(bad(
+                "interest_ack_timeout_ms",
+                "must be below handshake_timeout_ms (or 0 to turn the wait off)",
+            ));
+        }
         if let Some(a) = &self.advertise {
             if a.rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -448,5 +459,23 @@ mod tests {
         ] {
             assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_interest_wait_must_fit_in_the_handshake_timeout() {
+        let base = GatewayConfig {
+            secret: "long-enough-secret".into(),
+            ..GatewayConfig::default()
+        };
+        let with = |ack: u64, handshake: u64| GatewayConfig {
+            interest_ack_timeout_ms: ack,
+            handshake_timeout_ms: handshake,
+            ..base.clone()
+        };
+        assert!(with(1_000, 10_000).validate().is_ok());
+        assert!(with(0, 1_000).validate().is_ok());
+        let err = with(1_000, 1_000).validate().unwrap_err().to_string();
+        assert!(err.contains("interest_ack_timeout_ms"), "{err}");
+        assert!(with(5_000, 2_000).validate().is_err());
     }
 }
