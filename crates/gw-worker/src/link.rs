@@ -22,6 +22,10 @@ use crate::handle::{Handle, LinkSender, Reply};
 use crate::handler::EventHandler;
 use crate::WorkerShared;
 
+/// Encoded bytes after which a batch of outgoing frames is flushed (the
+/// rest stays queued for the next turn).
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
 /// How a connected session ended.
 enum SessionEnd {
     /// We are stopping.
@@ -125,7 +129,8 @@ async fn session<H: EventHandler>(
                 // Everything ready goes out with one flush; runs of acks
                 // (one per handled event) become one frame. Encoded straight
                 // into the write buffer (a `feed` per frame cost more than
-                // the encoding); bounded by the queue's capacity.
+                // the encoding), flushed every WRITE_BATCH_BYTES: handlers
+                // may refill the queue while this runs.
                 let max = link.codec().max_frame;
                 let mut acks: Vec<u64> = Vec::new();
                 let mut next = Some(f);
@@ -142,7 +147,7 @@ async fn session<H: EventHandler>(
                             }
                         }
                     }
-                    if result.is_err() {
+                    if result.is_err() || link.write_buffer().len() >= WRITE_BATCH_BYTES {
                         break;
                     }
                     next = rx.try_recv().ok();
