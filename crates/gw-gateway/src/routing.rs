@@ -208,16 +208,12 @@ impl Router {
                 break;
             }
         }
-        self.mark_lagging(
-            except,
-            version,
-            "did not acknowledge an interest change in time",
-        )
+        self.mark_lagging(except, version)
     }
 
     /// Marks the links (but `except`) still behind `version` as lagging: not
     /// waited for again until they acknowledge it. Returns how many.
-    pub(crate) fn mark_lagging(&self, except: Option<u64>, version: u64, why: &str) -> usize {
+    fn mark_lagging(&self, except: Option<u64>, version: u64) -> usize {
         let behind: Vec<Arc<WorkerSlot>> = self
             .slots
             .read()
@@ -231,7 +227,7 @@ impl Router {
                 peer = %s.node_id,
                 acked = s.interest_acked.load(Ordering::Acquire),
                 version,
-                "peer {why}; not waiting for it until it catches up"
+                "peer did not acknowledge an interest change in time; not waiting for it until it catches up"
             );
         }
         if !behind.is_empty() {

@@ -39,9 +39,10 @@ use crate::routing::{RoutedEvent, WorkerSlot};
 use crate::State;
 
 /// Frames from the peer held while its link waits for interest
-/// acknowledgements; past this the link stops reading until the wait ends.
+/// acknowledgements; reaching this ends the wait early (the link never
+/// stops reading its peer).
 const HELD_FRAMES_MAX: usize = 1024;
-/// Bytes (encoded) of held frames past which the link stops reading.
+/// Bytes (encoded) of held frames that end the wait early.
 const HELD_BYTES_MAX: usize = 1 << 20;
 
 /// A wait for other links' interest acknowledgements.
@@ -222,20 +223,10 @@ pub(crate) async fn serve(
                         "interest wait cut short: the peer sent more than is held meanwhile"
                     );
                     barrier = None;
-                    if let Some(reply) = deferred_reply.take() {
-                        if let Err(e) = link.send(reply).await {
-                            break LinkEnd::Failed(e.to_string());
-                        }
-                    }
                 }
             }
             () = async { barrier.as_mut().expect("guarded by the condition").await }, if barrier.is_some() => {
                 barrier = None;
-                if let Some(reply) = deferred_reply.take() {
-                    if let Err(e) = link.send(reply).await {
-                        break LinkEnd::Failed(e.to_string());
-                    }
-                }
             }
             _ = tick.tick() => {
                 if !peer_closed && last_heard.elapsed() > heartbeat * 3 {
@@ -247,8 +238,14 @@ pub(crate) async fn serve(
                 }
             }
         }
-        // Frames from the peer, in order, until one has to wait.
+        // Frames from the peer, in order, until one has to wait; a join's
+        // or bind's own answer goes out first once its wait is over.
         while barrier.is_none() {
+            if let Some(reply) = deferred_reply.take() {
+                if let Err(e) = link.send(reply).await {
+                    break 'session LinkEnd::Failed(e.to_string());
+                }
+            }
             let Some((len, f)) = held.pop_front() else {
                 break;
             };
@@ -270,16 +267,7 @@ pub(crate) async fn serve(
                     barrier = state
                         .interest_wait(Some(slot.key), version)
                         .map(|w| Box::pin(w) as Barrier<'_>);
-                    // A join's or bind's own answer waits too.
-                    match reply {
-                        Some(r) if barrier.is_some() => deferred_reply = Some(r),
-                        Some(r) => {
-                            if let Err(e) = link.send(r).await {
-                                break 'session LinkEnd::Failed(e.to_string());
-                            }
-                        }
-                        None => {}
-                    }
+                    deferred_reply = reply;
                 }
                 Ok(Step::End(end)) => break 'session end,
                 Err(e) => break 'session LinkEnd::Failed(e),

@@ -154,12 +154,17 @@ fn client_ids(field: &'static str, v: &[String]) -> Result<Vec<ClientId>, Conver
 
 /// Checks a uid or group name: non-empty ("0" is fine) and bounded.
 pub fn name(field: &'static str, s: String) -> Result<String, ConversionError> {
+    check_name(field, &s).map(|()| s)
+}
+
+/// The rule of [`name`], for a borrowed name (no copy to check one).
+pub fn check_name(field: &'static str, s: &str) -> Result<(), ConversionError> {
     if s.is_empty() {
         Err(ConversionError::Empty(field))
     } else if s.len() > MAX_NAME_LEN {
         Err(ConversionError::TooLong(field))
     } else {
-        Ok(s)
+        Ok(())
     }
 }
 

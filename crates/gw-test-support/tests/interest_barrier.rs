@@ -339,6 +339,39 @@ async fn a_whisper_right_after_a_login_on_another_gateway_arrives() -> anyhow::R
     Ok(())
 }
 
+/// A raw push-client link for sending commands by hand; it acknowledges
+/// nothing, so it is never waited for.
+async fn pushing_link(gw: &GatewayNode) -> anyhow::Result<gw_link::FramedLink> {
+    let (link, _) = gw_link::connect(
+        &gw.internal_addr.to_string(),
+        SECRET.as_bytes(),
+        Role::PushClient,
+        "pusher",
+        16 << 20,
+        Duration::from_secs(2),
+    )
+    .await?;
+    Ok(link)
+}
+
+/// An uncounted command frame.
+fn command(kind: pb::command::Kind) -> pb::LinkFrame {
+    frame(Body::Command(pb::Command {
+        id: 0,
+        kind: Some(kind),
+    }))
+}
+
+fn send_to_client(client_id: String, json: &str) -> pb::LinkFrame {
+    command(pb::command::Kind::SendToClients(pb::SendToClients {
+        client_ids: vec![client_id],
+        payload: Some(pb::Payload {
+            data: json.as_bytes().to_vec().into(),
+            binary: false,
+        }),
+    }))
+}
+
 /// A peer that closes its side while its link waits: what it sent before
 /// the close (held behind the wait) is still handled once the wait ends.
 /// A worker stopping gracefully sends its last commands and acks, then
@@ -355,21 +388,7 @@ async fn frames_sent_before_a_close_are_handled_after_the_wait() -> anyhow::Resu
     let stuck = acking_raw_link(gw, "stuck").await?;
     let (mut bob, bob_id) = WsClient::connect_chat(&gw.ws_url).await?;
 
-    let (mut pusher, _) = gw_link::connect(
-        &gw.internal_addr.to_string(),
-        SECRET.as_bytes(),
-        Role::PushClient,
-        "pusher",
-        16 << 20,
-        Duration::from_secs(2),
-    )
-    .await?;
-    let command = |kind| {
-        frame(Body::Command(pb::Command {
-            id: 0,
-            kind: Some(kind),
-        }))
-    };
+    let mut pusher = pushing_link(gw).await?;
     pusher
         .feed(command(pb::command::Kind::JoinGroup(pb::JoinGroup {
             client_id: bob_id.clone(),
@@ -377,15 +396,7 @@ async fn frames_sent_before_a_close_are_handled_after_the_wait() -> anyhow::Resu
         })))
         .await?;
     pusher
-        .feed(command(pb::command::Kind::SendToClients(
-            pb::SendToClients {
-                client_ids: vec![bob_id],
-                payload: Some(pb::Payload {
-                    data: br#"{"type":"after-join"}"#.as_slice().into(),
-                    binary: false,
-                }),
-            },
-        )))
+        .feed(send_to_client(bob_id, r#"{"type":"after-join"}"#))
         .await?;
     pusher.flush().await?;
     // Closed while the send is held behind the join's wait.
@@ -420,21 +431,7 @@ async fn a_peer_that_sends_past_the_held_bound_ends_the_wait_early() -> anyhow::
     let stuck = acking_raw_link(gw, "stuck").await?;
     let (mut bob, bob_id) = WsClient::connect_chat(&gw.ws_url).await?;
 
-    let (mut pusher, _) = gw_link::connect(
-        &gw.internal_addr.to_string(),
-        SECRET.as_bytes(),
-        Role::PushClient,
-        "pusher",
-        16 << 20,
-        Duration::from_secs(2),
-    )
-    .await?;
-    let command = |kind| {
-        frame(Body::Command(pb::Command {
-            id: 0,
-            kind: Some(kind),
-        }))
-    };
+    let mut pusher = pushing_link(gw).await?;
     pusher
         .feed(command(pb::command::Kind::JoinGroup(pb::JoinGroup {
             client_id: bob_id.clone(),
@@ -456,15 +453,7 @@ async fn a_peer_that_sends_past_the_held_bound_ends_the_wait_early() -> anyhow::
             .await?;
     }
     pusher
-        .feed(command(pb::command::Kind::SendToClients(
-            pb::SendToClients {
-                client_ids: vec![bob_id],
-                payload: Some(pb::Payload {
-                    data: br#"{"type":"after-the-burst"}"#.as_slice().into(),
-                    binary: false,
-                }),
-            },
-        )))
+        .feed(send_to_client(bob_id, r#"{"type":"after-the-burst"}"#))
         .await?;
     pusher.flush().await?;
     bob.recv_type("after-the-burst").await?;

@@ -164,17 +164,13 @@ pub struct Handle {
     partial: Option<Arc<Mutex<Vec<GatewayId>>>>,
 }
 
-/// The rule of `gw_protocol::domain::name`, checked without taking
-/// ownership (a copy per check showed up per relayed message).
 fn check_name(field: &str, s: &str) -> Result<(), Error> {
-    if s.is_empty() || s.len() > gw_protocol::domain::MAX_NAME_LEN {
-        Err(Error::InvalidArgument(format!(
+    gw_protocol::domain::check_name("name", s).map_err(|_| {
+        Error::InvalidArgument(format!(
             "{field} must be non-empty and at most {} bytes",
             gw_protocol::domain::MAX_NAME_LEN
-        )))
-    } else {
-        Ok(())
-    }
+        ))
+    })
 }
 
 /// Answers of a query, per gateway that answered.
@@ -318,17 +314,16 @@ impl Handle {
                 .collect()
         };
         // Encoded once; every link but the last gets a clone.
-        let mut f = Some(frame(Body::Command(cmd.into())));
+        let f = frame(Body::Command(cmd.into()));
         let mut missing = self.unconnected();
-        let last = targets.len().saturating_sub(1);
-        for (i, link) in targets.iter().enumerate() {
-            let f = if i == last {
-                f.take().expect("taken only for the last link")
-            } else {
-                f.clone().expect("present until the last link")
-            };
-            if Self::send_frame(link, f).await.is_err() {
-                missing.push(link.gateway);
+        if let Some((last, rest)) = targets.split_last() {
+            for link in rest {
+                if Self::send_frame(link, f.clone()).await.is_err() {
+                    missing.push(link.gateway);
+                }
+            }
+            if Self::send_frame(last, f).await.is_err() {
+                missing.push(last.gateway);
             }
         }
         if missing.is_empty() {
