@@ -735,11 +735,17 @@ impl Hub {
                 Ok(0)
             }
             Command::Ungroup { group } => {
-                let members = self
-                    .groups
-                    .shard(group.as_str())
-                    .lock()
-                    .remove(group.as_str());
+                let members = {
+                    let _epoch = self.interest_epoch.read();
+                    let mut shard = self.groups.shard(group.as_str()).lock();
+                    let removed = shard.remove_entry(group.as_str());
+                    // The group is gone here: workers stop sending it to
+                    // this gateway, as when its last member leaves.
+                    removed.map(|(key, members)| {
+                        self.announce(Table::Groups, key, false);
+                        members
+                    })
+                };
                 let members = members.unwrap_or_default().clients;
                 for seq in members.keys() {
                     if let Some(e) = self.clients.shard(seq).lock().get_mut(seq) {
@@ -1023,6 +1029,55 @@ mod tests {
         assert_eq!(snapshot.uids_added, vec!["u".to_string()]);
         // Announced again after it was gone: a new version.
         assert_eq!(join(&hub, b, "g").interest, 5);
+    }
+
+    #[test]
+    fn ungroup_announces_that_the_group_is_gone_and_a_new_join_announces_it_again() {
+        let hub = hub();
+        let limits = QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        let (_, mut changes) = hub.interest_snapshot();
+        let a = hub.add_client(ClientShared::new(Wire::Ws, limits));
+        let b = hub.add_client(ClientShared::new(Wire::Ws, limits));
+        join(&hub, a, "g");
+        join(&hub, b, "g");
+        let ungroup = |group: &str| {
+            hub.execute(Command::Ungroup {
+                group: group.into(),
+            })
+            .unwrap()
+        };
+        assert_eq!(ungroup("g"), 2);
+        // A group unknown here changes nothing and announces nothing.
+        assert_eq!(ungroup("nobody-here"), 0);
+        assert_eq!(join(&hub, a, "g").interest, 4);
+
+        let mut seen = Vec::new();
+        while let Ok(c) = changes.try_recv() {
+            seen.push((c.version, c.key.to_string(), c.added));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (2, "g".into(), true),
+                (3, "g".into(), false),
+                (4, "g".into(), true),
+            ]
+        );
+        let (snapshot, _) = hub.interest_snapshot();
+        assert_eq!(snapshot.groups_added, vec!["g".to_string()]);
+        // The members' own entries dropped it too; a joined again.
+        let groups_of = |id: ClientId| {
+            let seq = id.seq();
+            let shard = hub.clients.shard(&seq).lock();
+            let mut g: Vec<String> = shard[&seq].groups.iter().map(|g| g.to_string()).collect();
+            g.sort();
+            g
+        };
+        assert_eq!(groups_of(a), vec!["g".to_string()]);
+        assert!(groups_of(b).is_empty());
     }
 
     #[test]
