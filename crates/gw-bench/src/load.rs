@@ -22,7 +22,7 @@ use crate::cli::{CommonOpts, EchoArgs, FanoutArgs, WhisperArgs};
 use crate::client::{self, now_ns, Sources, Target, Ws, WsOpts, WELCOME_TIMEOUT};
 use crate::proto::{self, Inbound, Payload};
 use crate::report::Report;
-use crate::stats::{Histogram, SeqCounts, SeqTracker};
+use crate::stats::{self, Histogram, SeqCounts, SeqTracker};
 use crate::ws::Next;
 
 /// What one connection does.
@@ -50,6 +50,8 @@ pub struct Spec {
     pub payload: usize,
     /// Connection attempts per second during setup (0 = unlimited).
     pub rate: f64,
+    /// Keep each delivery's arrival time (for `--timeline-ms`).
+    pub arrivals: bool,
 }
 
 /// Per-sender count of acknowledged messages, written by whichever task
@@ -83,6 +85,8 @@ struct Acct {
     distinct: u64,
     sent: u64,
     latencies_ns: Vec<u64>,
+    /// Arrival time of each distinct delivery, when a timeline is wanted.
+    arrivals_ns: Vec<u64>,
     last_delivery_ns: u64,
     /// Deliveries with an unparseable payload or from a sender not expected here.
     unexpected: u64,
@@ -108,6 +112,9 @@ impl Acct {
         if arrival.is_first() {
             self.distinct += 1;
             self.latencies_ns.push(now.saturating_sub(p.sent_ns));
+            if sh.spec.arrivals {
+                self.arrivals_ns.push(now);
+            }
             self.last_delivery_ns = now;
             if p.sender == plan.idx || plan.ack_remote {
                 let cell = &sh.acks[p.sender as usize];
@@ -450,6 +457,7 @@ pub async fn execute(
     let mut sent = 0u64;
     let mut unexpected = 0u64;
     let mut last_ns = start_ns;
+    let mut arrivals: Vec<u64> = Vec::new();
     for h in handles {
         match h.await {
             Ok(st) => {
@@ -460,6 +468,7 @@ pub async fn execute(
                 sent += st.acct.sent;
                 unexpected += st.acct.unexpected;
                 last_ns = last_ns.max(st.acct.last_delivery_ns);
+                arrivals.extend_from_slice(&st.acct.arrivals_ns);
                 errors.extend(st.error);
             }
             Err(e) => errors.push(format!("client task failed: {e}")),
@@ -497,6 +506,12 @@ pub async fn execute(
         sent_per_sec: Some(per_sec(sent)),
         deliveries_per_sec: Some(per_sec(counts.delivered)),
         latency_ms: Some(hist.summary_ms()),
+        timeline_ms: (common.timeline_ms > 0).then_some(common.timeline_ms),
+        timeline: if common.timeline_ms > 0 {
+            stats::timeline(&arrivals, start_ns, common.timeline_ms * 1_000_000)
+        } else {
+            Vec::new()
+        },
         generator_cpu_pct: cpu.0,
         server_cpu_pct: cpu.1,
         server_pids: (!common.pids.is_empty()).then(|| common.pids.clone()),
@@ -544,6 +559,7 @@ pub async fn run_fanout(a: &FanoutArgs) -> Result<Report> {
         window: a.window,
         payload: a.payload,
         rate: a.rate,
+        arrivals: a.common.timeline_ms > 0,
     };
     execute("fanout", params, &a.common, spec, plans).await
 }
@@ -572,6 +588,7 @@ pub async fn run_echo(a: &EchoArgs) -> Result<Report> {
         window: a.window,
         payload: a.payload,
         rate: a.rate,
+        arrivals: a.common.timeline_ms > 0,
     };
     execute("echo", params, &a.common, spec, plans).await
 }
@@ -604,6 +621,7 @@ pub async fn run_whisper(a: &WhisperArgs) -> Result<Report> {
         window: a.window,
         payload: a.payload,
         rate: a.rate,
+        arrivals: a.common.timeline_ms > 0,
     };
     execute("whisper", params, &a.common, spec, plans).await
 }

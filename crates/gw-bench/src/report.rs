@@ -51,6 +51,12 @@ pub struct Report {
     pub deliveries_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<LatencySummary>,
+    /// With `--timeline-ms`: its interval, and distinct deliveries in each
+    /// interval from the start of the measured phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<u64>,
 
     /// CPU used over the measured phase, percent of one core: tells whether
     /// the generator (or the server) was the bottleneck.
@@ -166,6 +172,13 @@ impl Report {
                 self.deliveries_per_sec.map(|v| format!("{v:.0}")),
             ),
             ("latency ms", self.latency_ms.as_ref().map(fmt_lat)),
+            (
+                "timeline",
+                self.timeline_ms.map(|ms| {
+                    let counts: Vec<String> = self.timeline.iter().map(|c| c.to_string()).collect();
+                    format!("deliveries per {ms} ms: {}", counts.join(" "))
+                }),
+            ),
             (
                 "generator cpu %",
                 self.generator_cpu_pct.map(|v| format!("{v:.0}")),

@@ -290,6 +290,21 @@ pub struct LatencySummary {
     pub mean: f64,
 }
 
+/// Counts of `times_ns` per interval of `bucket_ns` from `start_ns` up to
+/// the last one (times before the start count in the first interval).
+pub fn timeline(times_ns: &[u64], start_ns: u64, bucket_ns: u64) -> Vec<u64> {
+    let bucket_ns = bucket_ns.max(1);
+    let mut counts = Vec::new();
+    for &t in times_ns {
+        let i = (t.saturating_sub(start_ns) / bucket_ns) as usize;
+        if counts.len() <= i {
+            counts.resize(i + 1, 0);
+        }
+        counts[i] += 1;
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +313,25 @@ mod tests {
         let mut t = SeqTracker::new(expected);
         let arrivals = seqs.iter().map(|&s| t.record(s)).collect();
         (t.counts(), arrivals)
+    }
+
+    #[test]
+    fn timeline_counts_per_interval_including_empty_ones() {
+        let ms = 1_000_000;
+        let start = 50 * ms;
+        // One early (before the start), two in [0, 10) ms, none in [10, 20),
+        // one at exactly 20 ms, one at 39.9 ms.
+        let times = [
+            start - 1,
+            start,
+            start + 9 * ms,
+            start + 20 * ms,
+            start + 39 * ms + 900_000,
+        ];
+        assert_eq!(timeline(&times, start, 10 * ms), vec![3, 0, 1, 1]);
+        assert!(timeline(&[], start, 10 * ms).is_empty());
+        // A zero interval is taken as 1 ns rather than dividing by zero.
+        assert_eq!(timeline(&[start + 2], start, 0), vec![0, 0, 1]);
     }
 
     #[test]

@@ -70,12 +70,21 @@ async fn fanout_delivers_every_message_to_every_member() {
         "50",
         "--duration-limit",
         "30",
+        "--timeline-ms",
+        "1",
     ])
     .await
     .unwrap();
     // 3 rooms * 2 senders * 50 messages, each delivered to 20 members.
     assert_exact(&r, 300, 6000);
     assert_eq!(r.connections, 60);
+    // Every distinct delivery is in the timeline once, and it spans the
+    // measured phase: it ends in the interval of the last delivery.
+    assert_eq!(r.timeline_ms, Some(1));
+    assert_eq!(r.timeline.iter().sum::<u64>(), 6000);
+    let (len, ms) = (r.timeline.len() as f64, r.elapsed_s * 1000.0);
+    assert!(len >= ms && len <= ms + 1.0 + 1e-6, "{}", r.table());
+    assert!(r.table().contains("deliveries per 1 ms: "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,6 +108,8 @@ async fn echo_round_trips_are_exact() {
     .await
     .unwrap();
     assert_exact(&r, 1000, 1000);
+    // No timeline unless asked for.
+    assert!(r.timeline_ms.is_none() && r.timeline.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
