@@ -132,13 +132,9 @@ pub(crate) async fn serve(
                 loop {
                     ev.event.id = next_id;
                     next_id += 1;
-                    // Encoded by reference and moved back: the event is
-                    // kept for redelivery until acknowledged, not cloned.
-                    let f = frame(Body::Event(std::mem::take(&mut ev.event)));
-                    let fed = gw_protocol::frame::encode(&f, max, link.write_buffer_mut());
-                    if let Some(Body::Event(e)) = f.body {
-                        ev.event = e;
-                    }
+                    // Encoded by reference: the event is kept for
+                    // redelivery until acknowledged, not cloned.
+                    let fed = gw_protocol::frame::encode_event(&ev.event, max, link.write_buffer_mut());
                     inflight.push(ev.event.id, ev);
                     metrics.events_inflight.fetch_add(1, Ordering::Relaxed);
                     batch += 1;
@@ -204,6 +200,22 @@ pub(crate) async fn serve(
                     state.router.note_interest_ack(&slot, a.version);
                     continue;
                 }
+                // The bulk of a busy link (acks, sends that want no reply)
+                // is handled here without awaiting, when nothing is held.
+                let f = if barrier.is_none() && held.is_empty() {
+                    match handle_frame_now(&state, &peer, f, &mut inflight) {
+                        Now::Done => continue,
+                        Now::Send(reply) => {
+                            if let Err(e) = link.send(reply).await {
+                                break LinkEnd::Failed(e.to_string());
+                            }
+                            continue;
+                        }
+                        Now::Later(f) => f,
+                    }
+                } else {
+                    f
+                };
                 // Handled below, unless it has to wait (then its size
                 // counts against the bound on held frames).
                 let len = if barrier.is_some() { f.encoded_len() } else { 0 };
@@ -418,6 +430,59 @@ impl Drop for Registration {
     }
 }
 
+/// What [`handle_frame_now`] did with a frame.
+enum Now {
+    Done,
+    /// Handled; this answer must go to the peer.
+    Send(pb::LinkFrame),
+    /// Not a frame it handles: it goes the full way ([`peer_frame`]).
+    Later(pb::LinkFrame),
+}
+
+/// Handles, without awaiting, the frames a busy link is mostly made of: an
+/// `Ack`, and a `Command` that asks for no reply and is no join or bind
+/// (those take part in interest confirmation and waits). Everything else
+/// is given back. Keeping these off the async path spares each one the
+/// moves of the frame through [`peer_frame`]'s and [`handle_frame`]'s
+/// futures.
+fn handle_frame_now(state: &State, peer: &Peer, f: pb::LinkFrame, inflight: &mut Inflight) -> Now {
+    let metrics = &state.hub.metrics;
+    match f.body {
+        Some(Body::Ack(a)) => {
+            for id in a.ids {
+                if inflight.ack(id, |ev| ev.flow.done()) {
+                    metrics.events_inflight.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Now::Done
+        }
+        Some(Body::Command(c))
+            if c.id == 0
+                && !matches!(
+                    c.kind,
+                    Some(pb::command::Kind::JoinGroup(_) | pb::command::Kind::BindUid(_))
+                ) =>
+        {
+            metrics.commands_in.fetch_add(1, Ordering::Relaxed);
+            let result = Command::try_from(c)
+                .map_err(|e| e.to_string())
+                .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
+            match result {
+                Ok(_) => Now::Done,
+                Err(e) => {
+                    metrics.commands_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(worker = %peer.node_id, error = %e, "command refused");
+                    Now::Send(frame(Body::Notice(pb::Notice {
+                        code: codes::NOTICE_BAD_COMMAND,
+                        message: e,
+                    })))
+                }
+            }
+        }
+        body => Now::Later(pb::LinkFrame { body }),
+    }
+}
+
 /// Handles one frame from the peer (an `InterestAck` is taken before).
 /// A join or bind from this link is confirmed to it as interest, after
 /// every older interest change: the worker counts its own joins as
@@ -496,8 +561,7 @@ async fn handle_frame(
     match f.body {
         Some(Body::Ack(a)) => {
             for id in a.ids {
-                if let Some(ev) = inflight.remove(id) {
-                    ev.flow.done();
+                if inflight.ack(id, |ev| ev.flow.done()) {
                     metrics.events_inflight.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -655,19 +719,32 @@ impl Inflight {
         }
     }
 
-    /// The event with `id`, if it is still unacknowledged (acks for
-    /// unknown or already acknowledged ids are ignored).
-    fn remove(&mut self, id: u64) -> Option<RoutedEvent> {
-        let ev = if id < self.first {
-            self.stragglers.remove(&id)?
+    /// Acknowledges `id`: calls `done` with its event, if it is still
+    /// unacknowledged, and drops it where it lies (an event is large; the
+    /// ack path never moves it out). Returns whether it was there: acks
+    /// for unknown or already acknowledged ids are ignored.
+    fn ack(&mut self, id: u64, done: impl FnOnce(&RoutedEvent)) -> bool {
+        if id < self.first {
+            let Some(ev) = self.stragglers.remove(&id) else {
+                return false;
+            };
+            done(&ev);
         } else {
-            let index = usize::try_from(id - self.first).ok()?;
-            let ev = self.slots.get_mut(index)?.take()?;
+            let Some(slot) = usize::try_from(id - self.first)
+                .ok()
+                .and_then(|i| self.slots.get_mut(i))
+            else {
+                return false;
+            };
+            let Some(ev) = slot.as_ref() else {
+                return false;
+            };
+            done(ev);
+            *slot = None;
             self.skip_acknowledged();
-            ev
-        };
+        }
         self.len -= 1;
-        Some(ev)
+        true
     }
 
     fn skip_acknowledged(&mut self) {
@@ -690,6 +767,13 @@ impl Inflight {
 mod tests {
     use super::*;
 
+    /// Acknowledges `id`; the id of the event it found, if any.
+    fn acked(inflight: &mut Inflight, id: u64) -> Option<u64> {
+        let mut found = None;
+        inflight.ack(id, |ev| found = Some(ev.event.id));
+        found
+    }
+
     fn routed(id: u64) -> RoutedEvent {
         RoutedEvent {
             seq: id,
@@ -709,18 +793,18 @@ mod tests {
         }
         assert_eq!(inflight.len(), 10);
         // Out of order, a duplicate, and ids never sent.
-        assert_eq!(inflight.remove(12).map(|e| e.event.id), Some(12));
-        assert!(inflight.remove(12).is_none());
-        assert!(inflight.remove(9).is_none());
-        assert!(inflight.remove(20).is_none());
-        assert!(inflight.remove(u64::MAX).is_none());
-        assert_eq!(inflight.remove(10).map(|e| e.event.id), Some(10));
-        assert_eq!(inflight.remove(11).map(|e| e.event.id), Some(11));
+        assert_eq!(acked(&mut inflight, 12), Some(12));
+        assert!(acked(&mut inflight, 12).is_none());
+        assert!(acked(&mut inflight, 9).is_none());
+        assert!(acked(&mut inflight, 20).is_none());
+        assert!(acked(&mut inflight, u64::MAX).is_none());
+        assert_eq!(acked(&mut inflight, 10), Some(10));
+        assert_eq!(acked(&mut inflight, 11), Some(11));
         // 10..=12 acknowledged: the ring starts at 13 now.
         assert_eq!(inflight.first, 13);
         assert_eq!(inflight.len(), 7);
         inflight.push(20, routed(20));
-        assert_eq!(inflight.remove(19).map(|e| e.event.id), Some(19));
+        assert_eq!(acked(&mut inflight, 19), Some(19));
         let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
         assert_eq!(left, vec![13, 14, 15, 16, 17, 18, 20]);
     }
@@ -729,11 +813,11 @@ mod tests {
     fn inflight_restarts_at_the_next_id_when_empty() {
         let mut inflight = Inflight::new(64);
         inflight.push(1, routed(1));
-        assert!(inflight.remove(1).is_some());
+        assert!(acked(&mut inflight, 1).is_some());
         assert_eq!(inflight.len(), 0);
         inflight.push(2, routed(2));
-        assert!(inflight.remove(1).is_none());
-        assert_eq!(inflight.remove(2).map(|e| e.event.id), Some(2));
+        assert!(acked(&mut inflight, 1).is_none());
+        assert_eq!(acked(&mut inflight, 2), Some(2));
     }
 
     #[test]
@@ -742,7 +826,7 @@ mod tests {
         inflight.push(1, routed(1));
         for id in 2..10_000 {
             inflight.push(id, routed(id));
-            assert!(inflight.remove(id).is_some());
+            assert!(acked(&mut inflight, id).is_some());
             assert!(
                 inflight.slots.len() <= 8,
                 "ring spans {}",
@@ -755,8 +839,8 @@ mod tests {
         for id in 10_000..10_003 {
             inflight.push(id, routed(id));
         }
-        assert_eq!(inflight.remove(1).map(|e| e.event.id), Some(1));
-        assert!(inflight.remove(1).is_none());
+        assert_eq!(acked(&mut inflight, 1), Some(1));
+        assert!(acked(&mut inflight, 1).is_none());
         inflight.push(10_003, routed(10_003));
         let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
         assert_eq!(left, vec![10_000, 10_001, 10_002, 10_003]);
@@ -770,8 +854,8 @@ mod tests {
         }
         assert_eq!(inflight.len(), 10);
         assert!(inflight.slots.len() <= 4);
-        assert_eq!(inflight.remove(3).map(|e| e.event.id), Some(3));
-        assert_eq!(inflight.remove(9).map(|e| e.event.id), Some(9));
+        assert_eq!(acked(&mut inflight, 3), Some(3));
+        assert_eq!(acked(&mut inflight, 9), Some(9));
         let left: Vec<u64> = inflight.into_events().map(|e| e.event.id).collect();
         assert_eq!(left, vec![1, 2, 4, 5, 6, 7, 8, 10]);
     }

@@ -342,3 +342,91 @@ async fn rolling_restart_of_both_workers_under_load_loses_and_duplicates_nothing
     c.stop().await;
     Ok(())
 }
+
+/// A command that asks for no reply and is refused (here: an empty group
+/// name) is answered with a `Notice` naming the
+/// problem and counted; the link stays up and the commands after it in the
+/// same write still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_without_reply_gets_a_notice_and_the_link_goes_on() -> anyhow::Result<()>
+{
+    use futures_util::{SinkExt, StreamExt};
+    use gw_protocol::pb::{self, command::Kind, link_frame::Body};
+    let mut c = Cluster::start(1).await?;
+    c.add_worker(Chat).await?;
+    let gw = &c.gateways[0];
+    let (mut bob, bob_id) = WsClient::connect_chat(&gw.ws_url).await?;
+    let (mut link, _) = gw_link::connect(
+        &gw.internal_addr.to_string(),
+        gw_test_support::SECRET.as_bytes(),
+        pb::Role::PushClient,
+        "pusher",
+        16 << 20,
+        Duration::from_secs(2),
+    )
+    .await?;
+    let command = |kind| {
+        gw_link::frame(Body::Command(pb::Command {
+            id: 0,
+            kind: Some(kind),
+        }))
+    };
+    let payload = |text: &str| {
+        Some(pb::Payload {
+            data: text.as_bytes().to_vec().into(),
+            binary: false,
+        })
+    };
+    link.feed(command(Kind::SendToGroups(pb::SendToGroups {
+        groups: vec![String::new()],
+        payload: payload(r#"{"type":"never"}"#),
+        ..Default::default()
+    })))
+    .await?;
+    link.feed(command(Kind::SendToClients(pb::SendToClients {
+        client_ids: vec![bob_id],
+        payload: payload(r#"{"type":"after-refusal"}"#),
+    })))
+    .await?;
+    link.flush().await?;
+
+    let notice = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match link.next().await {
+                Some(Ok(pb::LinkFrame {
+                    body: Some(Body::Notice(n)),
+                })) => return Ok(n),
+                Some(Ok(_)) => {}
+                other => anyhow::bail!("link ended before a notice: {other:?}"),
+            }
+        }
+    })
+    .await??;
+    assert_eq!(notice.code, gw_protocol::codes::NOTICE_BAD_COMMAND);
+    assert!(notice.message.contains("group"), "{}", notice.message);
+    assert_eq!(bob.recv_json().await?, json!({"type":"after-refusal"}));
+    assert_eq!(
+        gw.handle
+            .metrics
+            .commands_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Still up: a ping is answered.
+    link.send(gw_link::frame(Body::Ping(pb::Ping { nonce: 7 })))
+        .await?;
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Ok(pb::LinkFrame {
+                body: Some(Body::Pong(p)),
+            })) = link.next().await
+            {
+                return p.nonce;
+            }
+        }
+    })
+    .await?;
+    assert_eq!(pong, 7);
+    c.stop().await;
+    Ok(())
+}
