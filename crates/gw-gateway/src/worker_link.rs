@@ -20,10 +20,11 @@
 //! frames, in order, up to [`HELD_FRAMES_MAX`] / [`HELD_BYTES_MAX`].
 
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -44,6 +45,9 @@ use crate::State;
 const HELD_FRAMES_MAX: usize = 1024;
 /// Bytes (encoded) of held frames that end the wait early.
 const HELD_BYTES_MAX: usize = 1 << 20;
+/// Frames from the peer taken in one turn of the link's loop when they are
+/// already there.
+const FRAMES_PER_TURN: usize = 256;
 
 /// A wait for other links' interest acknowledgements.
 type Barrier<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -179,62 +183,78 @@ pub(crate) async fn serve(
                 }
             }
             f = link.next(), if !peer_closed => {
-                let f = match f {
-                    None if barrier.is_none() && held.is_empty() => break LinkEnd::Failed("worker closed the link".into()),
-                    None => {
-                        peer_closed = true;
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        let code = match &e { gw_link::LinkError::Frame(f) => f.code(), _ => codes::LINK_MALFORMED };
-                        tracing::warn!(worker = %peer.node_id, addr = %peer.addr, error = %e, "bad frame from worker");
-                        let _ = link.send(error_frame(code, e.to_string())).await;
-                        break LinkEnd::Failed(e.to_string());
-                    }
-                    Some(Ok(f)) => f,
-                };
                 last_heard = Instant::now();
-                if let Some(Body::InterestAck(a)) = &f.body {
-                    // Taken at once, also while this link waits: another
-                    // link may be waiting for it.
-                    state.router.note_interest_ack(&slot, a.version);
-                    continue;
-                }
-                // The bulk of a busy link (acks, sends that want no reply)
-                // is handled here without awaiting, when nothing is held.
-                let f = if barrier.is_none() && held.is_empty() {
-                    match handle_frame_now(&state, &peer, f, &mut inflight) {
-                        Now::Done => continue,
-                        Now::Send(reply) => {
-                            if let Err(e) = link.send(reply).await {
-                                break LinkEnd::Failed(e.to_string());
-                            }
-                            continue;
+                let mut next = Some(f);
+                let mut taken = 0;
+                while let Some(f) = next.take() {
+                    let f = match f {
+                        None if barrier.is_none() && held.is_empty() => break 'session LinkEnd::Failed("worker closed the link".into()),
+                        None => {
+                            peer_closed = true;
+                            break;
                         }
-                        Now::Later(f) => f,
+                        Some(Err(e)) => {
+                            let code = match &e { gw_link::LinkError::Frame(f) => f.code(), _ => codes::LINK_MALFORMED };
+                            tracing::warn!(worker = %peer.node_id, addr = %peer.addr, error = %e, "bad frame from worker");
+                            let _ = link.send(error_frame(code, e.to_string())).await;
+                            break 'session LinkEnd::Failed(e.to_string());
+                        }
+                        Some(Ok(f)) => f,
+                    };
+                    taken += 1;
+                    if let Some(Body::InterestAck(a)) = &f.body {
+                        // Taken at once, also while this link waits: another
+                        // link may be waiting for it.
+                        state.router.note_interest_ack(&slot, a.version);
+                    } else if barrier.is_none() && held.is_empty() {
+                        // The bulk of a busy link (acks, sends that want no
+                        // reply) is handled here without awaiting.
+                        match handle_frame_now(&state, &peer, f, &mut inflight) {
+                            Now::Done => {}
+                            Now::Send(reply) => {
+                                if let Err(e) = link.send(reply).await {
+                                    break 'session LinkEnd::Failed(e.to_string());
+                                }
+                            }
+                            // Handled below, in order with what follows it.
+                            Now::Later(f) => held.push_back((0, f)),
+                        }
+                    } else {
+                        // Handled below, unless it has to wait (then its
+                        // size counts against the bound on held frames).
+                        let len = if barrier.is_some() { f.encoded_len() } else { 0 };
+                        held_bytes += len;
+                        held.push_back((len, f));
+                        if barrier.is_some() && (held.len() >= HELD_FRAMES_MAX || held_bytes >= HELD_BYTES_MAX) {
+                            // The peer is never left unread (it must stay
+                            // free to read our events and to acknowledge, or
+                            // two links could block each other), so one that
+                            // sends this much meanwhile ends the wait early.
+                            // Nobody is marked lagging: the others may just
+                            // not have had the time.
+                            tracing::info!(
+                                worker = %peer.node_id,
+                                version = barrier_version,
+                                held = held.len(),
+                                held_bytes,
+                                "interest wait cut short: the peer sent more than is held meanwhile"
+                            );
+                            barrier = None;
+                        }
                     }
-                } else {
-                    f
-                };
-                // Handled below, unless it has to wait (then its size
-                // counts against the bound on held frames).
-                let len = if barrier.is_some() { f.encoded_len() } else { 0 };
-                held_bytes += len;
-                held.push_back((len, f));
-                if barrier.is_some() && (held.len() >= HELD_FRAMES_MAX || held_bytes >= HELD_BYTES_MAX) {
-                    // The peer is never left unread (it must stay free to
-                    // read our events and to acknowledge, or two links
-                    // could block each other), so one that sends this much
-                    // meanwhile ends the wait early. Nobody is marked
-                    // lagging: the others may just not have had the time.
-                    tracing::info!(
-                        worker = %peer.node_id,
-                        version = barrier_version,
-                        held = held.len(),
-                        held_bytes,
-                        "interest wait cut short: the peer sent more than is held meanwhile"
-                    );
-                    barrier = None;
+                    // More frames already here (a busy peer sends acks and
+                    // commands in bursts) are taken in this turn, without
+                    // a round of the select per frame; a bounded number,
+                    // so that events still go out meanwhile. Not once a
+                    // frame waits to be handled below and no wait counts
+                    // what is held: that frame comes first.
+                    if taken < FRAMES_PER_TURN && (held.is_empty() || barrier.is_some()) {
+                        next = poll_fn(|cx| match link.poll_next_unpin(cx) {
+                            Poll::Ready(f) => Poll::Ready(Some(f)),
+                            Poll::Pending => Poll::Ready(None),
+                        })
+                        .await;
+                    }
                 }
             }
             () = async { barrier.as_mut().expect("guarded by the condition").await }, if barrier.is_some() => {
