@@ -9,7 +9,9 @@
 //!
 //! Group and uid tables store each member's [`ClientSender`] next to its
 //! sequence number, so a fan-out takes one lock and pushes the same shared
-//! [`Outbound`] bytes to every member.
+//! [`Outbound`] bytes to every member. A worker link's fan-outs list the
+//! clients they filled in a [`FlushList`] and write them out itself, in
+//! turns, rather than waking one task per client.
 //!
 //! Interest: a group or uid gaining its first or losing its last member here
 //! is a change of the gateway's *interest set*, numbered by the interest
@@ -22,6 +24,7 @@
 use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
@@ -82,11 +85,23 @@ pub(crate) struct QueueLimits {
     pub(crate) bytes: usize,
 }
 
-/// Frames waiting for a client's connection task.
+/// Frames waiting for a client's connection task, or for a flush list.
 #[derive(Debug, Default)]
 struct OutQueue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// Bytes of the front frame a flush already wrote (the rest of it goes
+    /// out before anything else).
+    front_written: usize,
+    /// The connection task has frames of its own to write (taken from here,
+    /// or control frames): until it has written them all, only it writes.
+    task_writing: bool,
+    /// Listed in a [`FlushList`] already.
+    listed: bool,
+    /// The socket, for writes by a flush list: a plain TCP connection's,
+    /// from when it serves until it starts closing; `None` for TLS (the
+    /// session belongs to the task).
+    socket: Option<Arc<tokio::net::TcpStream>>,
 }
 
 /// A client as everyone who sends to it sees it: its bounded outgoing
@@ -149,8 +164,15 @@ impl ClientShared {
     /// Queues one encoded frame without waiting. A full queue means the
     /// client reads too slowly: it is closed as a slow consumer (never a
     /// silent drop and never a wait that would stall the fan-out for
-    /// everyone else). Returns whether the frame was queued.
-    pub(crate) fn push(&self, frame: Bytes, metrics: &Metrics) -> bool {
+    /// everyone else). Returns whether the frame was queued. With `list`, a
+    /// client whose socket a flush list may write is listed there instead
+    /// of having its task woken.
+    pub(crate) fn push(
+        self: &Arc<Self>,
+        frame: Bytes,
+        metrics: &Metrics,
+        list: Option<&mut FlushList>,
+    ) -> bool {
         if self.close_code().is_some() {
             return false;
         }
@@ -170,22 +192,35 @@ impl ClientShared {
         }
         q.frames.push_back(frame);
         q.bytes += len;
-        // The task takes the whole queue each time it wakes, so only the
-        // first frame after that needs to wake it.
-        let wake = q.frames.len() == 1;
-        drop(q);
-        if wake {
-            self.waker.wake();
+        // The task (or the flush) takes the whole queue each time, so only
+        // the first frame after that needs to wake it (or list it).
+        if q.frames.len() > 1 {
+            return true;
         }
+        if let Some(list) = list.filter(|_| q.socket.is_some() && !q.task_writing) {
+            if !q.listed {
+                q.listed = true;
+                list.clients.push_back(self.clone());
+            }
+            return true;
+        }
+        drop(q);
+        self.waker.wake();
         true
     }
 
-    /// Moves every queued frame to the back of `out`; returns the number of
-    /// frames and bytes moved.
-    pub(crate) fn take(&self, out: &mut VecDeque<Bytes>) -> (usize, usize) {
+    /// Moves every queued frame to the back of `out` (empty, or holding
+    /// frames of the task's own); the task writes them, nobody else until
+    /// it has. Returns the number of frames and bytes moved, and how much of
+    /// the first one a flush already wrote.
+    pub(crate) fn take(&self, out: &mut VecDeque<Bytes>) -> (usize, usize, usize) {
         let mut q = self.queue.lock();
-        let moved = (q.frames.len(), q.bytes);
+        let front_written = std::mem::take(&mut q.front_written);
+        // A flush counted what it wrote of the first frame.
+        let moved = (q.frames.len(), q.bytes - front_written, front_written);
         q.bytes = 0;
+        // Nothing of its own and nothing queued: others may write again.
+        q.task_writing = !(out.is_empty() && q.frames.is_empty());
         if out.is_empty() {
             // Swap the allocations instead of copying.
             std::mem::swap(&mut q.frames, out);
@@ -195,10 +230,151 @@ impl ClientShared {
         moved
     }
 
+    /// The queue's first frame if a flush wrote part of it, with how much:
+    /// a connection closing without sending its queue must still finish it.
+    pub(crate) fn take_partial(&self) -> Option<(Bytes, usize)> {
+        let mut q = self.queue.lock();
+        if q.front_written == 0 {
+            return None;
+        }
+        let frame = q.frames.pop_front()?;
+        q.bytes -= frame.len();
+        Some((frame, std::mem::take(&mut q.front_written)))
+    }
+
+    /// Marks the task as writing frames of its own (control frames).
+    pub(crate) fn set_task_writing(&self) {
+        self.queue.lock().task_writing = true;
+    }
+
+    /// Lets flush lists write to `socket` (`None`: no longer; from then on
+    /// only the task writes).
+    pub(crate) fn set_socket(&self, socket: Option<Arc<tokio::net::TcpStream>>) {
+        let mut q = self.queue.lock();
+        if socket.is_none() {
+            q.task_writing = true;
+        }
+        q.socket = socket;
+    }
+
+    /// Writes what is queued straight to the socket, as far as it takes it
+    /// without waiting; whatever is left (or anything it may not write) goes
+    /// to the task, woken. Frames and bytes written count as sent.
+    fn flush_now(&self, metrics: &Metrics) {
+        let mut q = self.queue.lock();
+        q.listed = false;
+        if q.frames.is_empty() {
+            return;
+        }
+        let writable = !q.task_writing && self.close_code().is_none();
+        if let Some(socket) = q.socket.clone().filter(|_| writable) {
+            let mut slices = [IoSlice::new(&[]); FLUSH_IOVECS];
+            let mut count = 0;
+            for (i, frame) in q.frames.iter().take(FLUSH_IOVECS).enumerate() {
+                let from = if i == 0 { q.front_written } else { 0 };
+                slices[i] = IoSlice::new(&frame[from..]);
+                count += 1;
+            }
+            // Tries only when tokio has the socket as writable (a socket
+            // found full waits for the task to see it drain).
+            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(&*socket).send_vectored(&slices[..count])
+            });
+            if let Ok(n) = sent {
+                let frames = q.advance(n);
+                metrics
+                    .messages_out
+                    .fetch_add(frames as u64, Ordering::Relaxed);
+                metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                if q.frames.is_empty() {
+                    if q.frames.capacity() > KEEP_QUEUE_CAPACITY {
+                        // An idle client keeps no burst-sized buffer.
+                        q.frames = VecDeque::new();
+                    }
+                    return;
+                }
+            }
+        }
+        drop(q);
+        self.waker.wake();
+    }
+
     /// Frames and bytes queued now.
     pub(crate) fn depth(&self) -> (usize, usize) {
         let q = self.queue.lock();
         (q.frames.len(), q.bytes)
+    }
+}
+
+impl OutQueue {
+    /// Drops `n` written bytes off the front; returns the frames completed.
+    fn advance(&mut self, mut n: usize) -> usize {
+        let mut done = 0;
+        while n > 0 {
+            let Some(front) = self.frames.front() else {
+                break;
+            };
+            let left = front.len() - self.front_written;
+            if n < left {
+                self.front_written += n;
+                break;
+            }
+            n -= left;
+            self.bytes -= front.len();
+            self.front_written = 0;
+            self.frames.pop_front();
+            done += 1;
+        }
+        done
+    }
+}
+
+/// Frames handed to one direct write.
+const FLUSH_IOVECS: usize = 64;
+/// A queue emptied by a flush keeps its buffer up to this many frames.
+const KEEP_QUEUE_CAPACITY: usize = 16;
+
+/// Clients whose queues a fan-out filled, to be written straight to their
+/// sockets by whoever ran the fan-out (a worker link, after a burst of
+/// commands), instead of waking one connection task per client: the task
+/// machinery per delivery (wake, schedule, poll, readiness) is most of
+/// what a large room costs above the system calls. Only plain TCP
+/// connections whose task is not writing are listed; a write that does not
+/// take everything hands the rest to the task. Dropping the list hands
+/// every client still in it to its task.
+#[derive(Default)]
+pub(crate) struct FlushList {
+    clients: VecDeque<ClientSender>,
+}
+
+impl FlushList {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Writes the queues of up to `max` listed clients, oldest listed first.
+    pub(crate) fn flush(&mut self, max: usize, metrics: &Metrics) {
+        for _ in 0..max {
+            let Some(client) = self.clients.pop_front() else {
+                return;
+            };
+            client.flush_now(metrics);
+        }
+    }
+
+    /// Hands every listed client to its task (before the owner of the list
+    /// waits on something else).
+    pub(crate) fn release(&mut self) {
+        for client in self.clients.drain(..) {
+            client.queue.lock().listed = false;
+            client.waker.wake();
+        }
+    }
+}
+
+impl Drop for FlushList {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -566,8 +742,8 @@ impl Hub {
         }
     }
 
-    fn push(&self, sender: &ClientSender, msg: &Outbound) -> bool {
-        sender.push(msg.frame(sender.wire), &self.metrics)
+    fn push(&self, sender: &ClientSender, msg: &Outbound, list: Option<&mut FlushList>) -> bool {
+        sender.push(msg.frame(sender.wire), &self.metrics, list)
     }
 
     /// Outgoing queue depth over all clients: (frames, bytes, deepest
@@ -596,11 +772,28 @@ impl Hub {
     /// depends on.
     pub(crate) fn execute_tracked(&self, cmd: Command) -> Result<Executed, CommandError> {
         let mut interest = 0;
-        let count = self.run(cmd, &mut interest)?;
+        let count = self.run(cmd, &mut interest, None)?;
         Ok(Executed { count, interest })
     }
 
-    fn run(&self, cmd: Command, interest: &mut u64) -> Result<usize, CommandError> {
+    /// Runs one command; the clients its sends fill are listed in `list`
+    /// for their caller to flush (see [`FlushList`]) rather than woken.
+    pub(crate) fn execute_listed(
+        &self,
+        cmd: Command,
+        list: &mut FlushList,
+    ) -> Result<Executed, CommandError> {
+        let mut interest = 0;
+        let count = self.run(cmd, &mut interest, Some(list))?;
+        Ok(Executed { count, interest })
+    }
+
+    fn run(
+        &self,
+        cmd: Command,
+        interest: &mut u64,
+        mut list: Option<&mut FlushList>,
+    ) -> Result<usize, CommandError> {
         match cmd {
             Command::SendToClients {
                 client_ids,
@@ -622,7 +815,7 @@ impl Hub {
                         .get(&seq)
                         .map(|e| e.sender.clone());
                     if let Some(s) = sender {
-                        n += self.push(&s, &msg) as usize;
+                        n += self.push(&s, &msg, list.as_deref_mut()) as usize;
                     }
                 }
                 Ok(n)
@@ -636,7 +829,7 @@ impl Hub {
                     let shard = self.uids.shard(uid.as_str()).lock();
                     if let Some(members) = shard.get(uid.as_str()) {
                         for s in members.clients.values() {
-                            n += self.push(s, &msg) as usize;
+                            n += self.push(s, &msg, list.as_deref_mut()) as usize;
                         }
                     }
                 }
@@ -662,7 +855,7 @@ impl Hub {
                             if exclude.contains(seq) || (dedup && !seen.insert(*seq)) {
                                 continue;
                             }
-                            n += self.push(s, &msg) as usize;
+                            n += self.push(s, &msg, list.as_deref_mut()) as usize;
                         }
                     }
                 }
@@ -677,7 +870,7 @@ impl Hub {
                 for shard in self.clients.shards.iter() {
                     for (seq, e) in shard.lock().iter() {
                         if !exclude.contains(seq) {
-                            n += self.push(&e.sender, &msg) as usize;
+                            n += self.push(&e.sender, &msg, list.as_deref_mut()) as usize;
                         }
                     }
                 }
@@ -769,7 +962,7 @@ impl Hub {
                 let Some(sender) = sender else { return Ok(0) };
                 if !immediate {
                     if let Some(msg) = final_message.as_ref().and_then(Outbound::from_payload) {
-                        self.push(&sender, &msg);
+                        self.push(&sender, &msg, None);
                     }
                 }
                 // The writer sends what is queued before the close frame
@@ -1136,7 +1329,7 @@ mod tests {
         // bytes) and as a line (3 bytes).
         assert_eq!(hub.queue_depths(), (4, 2 * 4 + 2 * 3, 2));
         let mut out = VecDeque::new();
-        assert_eq!(a.take(&mut out), (2, 8));
+        assert_eq!(a.take(&mut out), (2, 8, 0));
         assert_eq!(&out[0][..], b"\x81\x02hi");
         assert_eq!(hub.queue_depths(), (2, 6, 2));
         // b's queue holds 3: the next two sends fill it, then overflow.
@@ -1145,5 +1338,142 @@ mod tests {
         assert_eq!(b.close_code(), Some(codes::CLOSE_SLOW_CONSUMER));
         assert_eq!(hub.metrics.slow_consumers.load(Ordering::Relaxed), 1);
         assert_eq!(a.close_code(), None);
+    }
+
+    /// Counts wake-ups, to see whether a client's task was woken.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A connected pair on loopback: the gateway's end (shared, as a plain
+    /// client's is) and the client's.
+    async fn socket_pair() -> (Arc<tokio::net::TcpStream>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_flush_list_writes_fanned_out_frames_straight_to_the_socket_and_hands_leftovers_to_the_task(
+    ) {
+        use tokio::io::AsyncReadExt;
+        let hub = hub();
+        let limits = QueueLimits {
+            messages: 1 << 20,
+            bytes: 1 << 30,
+        };
+        let (socket, mut peer) = socket_pair().await;
+        let client = ClientShared::new(Wire::Ws, limits);
+        let wakes = Arc::new(Wakes(Default::default()));
+        client.register(&Waker::from(wakes.clone()));
+        let id = hub.add_client(client.clone());
+        join(&hub, id, "g");
+        let send = |list: &mut FlushList, text: String| {
+            hub.execute_listed(
+                Command::SendToGroups {
+                    groups: vec!["g".into()],
+                    payload: Payload::text(text),
+                    exclude: vec![],
+                },
+                list,
+            )
+            .unwrap()
+            .count
+        };
+
+        // Without a socket (TLS, or not serving yet) the task is woken.
+        let mut list = FlushList::default();
+        assert_eq!(send(&mut list, "early".into()), 1);
+        assert!(list.is_empty());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        let mut out = VecDeque::new();
+        assert_eq!(client.take(&mut out), (1, 7, 0));
+        out.clear();
+        assert_eq!(
+            client.take(&mut out),
+            (0, 0, 0),
+            "the task has nothing left: others may write"
+        );
+
+        // With one: listed once however many frames, written in one go by
+        // the flush, nobody woken.
+        client.set_socket(Some(socket.clone()));
+        assert_eq!(send(&mut list, "one".into()), 1);
+        assert_eq!(send(&mut list, "two".into()), 1);
+        assert_eq!(list.clients.len(), 1);
+        list.flush(16, &hub.metrics);
+        assert!(list.is_empty());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(client.depth(), (0, 0));
+        assert_eq!(hub.metrics.messages_out.load(Ordering::Relaxed), 2);
+        let mut got = [0u8; 10];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x81\x03one\x81\x03two");
+
+        // While the task writes frames of its own, a flush only wakes it
+        // (a woken task registers again when it next waits).
+        let rearm = || client.register(&Waker::from(wakes.clone()));
+        rearm();
+        client.set_task_writing();
+        assert_eq!(send(&mut list, "three".into()), 1);
+        assert!(list.is_empty(), "not listed: the task is writing");
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(client.take(&mut out), (1, 7, 0));
+        out.clear();
+        assert_eq!(client.take(&mut out), (0, 0, 0));
+
+        // A socket that takes only part: the rest, the partly written frame
+        // first, goes to the task, and the peer gets every byte in order.
+        rearm();
+        let big = "x".repeat(60_000);
+        let mut expected = Vec::new();
+        for i in 0..200 {
+            let text = format!("{i:03}{big}");
+            expected.extend_from_slice(&encode_message(Wire::Ws, text.as_bytes(), false));
+            send(&mut list, text);
+        }
+        list.flush(16, &hub.metrics);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            3,
+            "left over: the task was woken"
+        );
+        let (frames, _, front_written) = client.take(&mut out);
+        assert!(frames > 0 && frames < 200, "{frames}");
+        let reader = tokio::spawn(async move {
+            let mut all = vec![0u8; expected.len()];
+            peer.read_exact(&mut all).await.unwrap();
+            (peer, all, expected)
+        });
+        // What the task does: the rest of the first frame, then the others.
+        let mut first = true;
+        for frame in out.drain(..) {
+            let from = if std::mem::take(&mut first) {
+                front_written
+            } else {
+                0
+            };
+            let mut rest = &frame[from..];
+            while !rest.is_empty() {
+                socket.writable().await.unwrap();
+                match socket.try_write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let (_peer, all, expected) = reader.await.unwrap();
+        assert!(all == expected, "bytes out of order or lost");
+
+        // A client asked to close is not written to any more.
+        assert_eq!(client.take(&mut out), (0, 0, 0));
+        client.close(1000);
+        assert_eq!(send(&mut list, "late".into()), 0);
+        assert!(list.is_empty());
     }
 }

@@ -35,7 +35,7 @@ use prost::Message as _;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Executed, InterestChange, InterestDelta};
+use crate::hub::{Executed, FlushList, InterestChange, InterestDelta};
 use crate::routing::{RoutedEvent, WorkerSlot};
 use crate::State;
 
@@ -48,6 +48,9 @@ const HELD_BYTES_MAX: usize = 1 << 20;
 /// Frames from the peer taken in one turn of the link's loop when they are
 /// already there.
 const FRAMES_PER_TURN: usize = 256;
+/// Clients whose queues the link writes out per turn of its loop (see
+/// [`FlushList`]); between turns every other task gets its turn.
+const FLUSH_PER_TURN: usize = 256;
 
 /// A wait for other links' interest acknowledgements.
 type Barrier<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -122,6 +125,9 @@ pub(crate) async fn serve(
     // The peer closed its side while frames of it were held: those are
     // still handled (its last acks and commands), then the link ends.
     let mut peer_closed = false;
+    // Clients the commands of this link filled, written out by this task
+    // in turns (a fan-out to a large room is a few thousand writes).
+    let mut flush = FlushList::default();
 
     let end = 'session: loop {
         tokio::select! {
@@ -158,7 +164,7 @@ pub(crate) async fn serve(
                 if let Some(e) = failed {
                     break LinkEnd::Failed(e);
                 }
-                if let Err(e) = link.flush().await {
+                if let Err(e) = unless_blocked(link.flush(), &mut flush).await {
                     break LinkEnd::Failed(e.to_string());
                 }
             }
@@ -178,7 +184,7 @@ pub(crate) async fn serve(
                     }
                     Err(broadcast::error::RecvError::Closed) => break LinkEnd::Shutdown,
                 };
-                if let Err(e) = link.send(frame(Body::Interest(body))).await {
+                if let Err(e) = unless_blocked(link.send(frame(Body::Interest(body))), &mut flush).await {
                     break LinkEnd::Failed(e.to_string());
                 }
             }
@@ -209,10 +215,10 @@ pub(crate) async fn serve(
                     } else if barrier.is_none() && held.is_empty() {
                         // The bulk of a busy link (acks, sends that want no
                         // reply) is handled here without awaiting.
-                        match handle_frame_now(&state, &peer, f, &mut inflight) {
+                        match handle_frame_now(&state, &peer, f, &mut inflight, &mut flush) {
                             Now::Done => {}
                             Now::Send(reply) => {
-                                if let Err(e) = link.send(reply).await {
+                                if let Err(e) = unless_blocked(link.send(reply), &mut flush).await {
                                     break 'session LinkEnd::Failed(e.to_string());
                                 }
                             }
@@ -256,11 +262,18 @@ pub(crate) async fn serve(
                         .await;
                     }
                 }
+                flush.flush(FLUSH_PER_TURN, &metrics);
+            }
+            () = std::future::ready(()), if !flush.is_empty() => {
+                // The rest of a large fan-out, after everyone else had a turn.
+                tokio::task::yield_now().await;
+                flush.flush(FLUSH_PER_TURN, &metrics);
             }
             () = async { barrier.as_mut().expect("guarded by the condition").await }, if barrier.is_some() => {
                 barrier = None;
             }
             _ = tick.tick() => {
+                flush.release();
                 if !peer_closed && last_heard.elapsed() > heartbeat * 3 {
                     let _ = link.send(error_frame(codes::LINK_HEARTBEAT_TIMEOUT, "no frame within 3 heartbeats")).await;
                     break LinkEnd::Failed("heartbeat timeout".into());
@@ -272,6 +285,10 @@ pub(crate) async fn serve(
         }
         // Frames from the peer, in order, until one has to wait; a join's
         // or bind's own answer goes out first once its wait is over.
+        if barrier.is_none() && (!held.is_empty() || deferred_reply.is_some()) {
+            // What follows may wait on the peer.
+            flush.release();
+        }
         while barrier.is_none() {
             if let Some(reply) = deferred_reply.take() {
                 if let Err(e) = link.send(reply).await {
@@ -450,6 +467,20 @@ impl Drop for Registration {
     }
 }
 
+/// Awaits `fut` (a write to the peer); if it cannot complete at once, the
+/// clients listed in `flush` are first handed to their own tasks, so that a
+/// peer slow to read never holds up deliveries to clients.
+async fn unless_blocked<F: Future>(fut: F, flush: &mut FlushList) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    match poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(out) => out,
+        Poll::Pending => {
+            flush.release();
+            fut.await
+        }
+    }
+}
+
 /// What [`handle_frame_now`] did with a frame.
 enum Now {
     Done,
@@ -465,7 +496,13 @@ enum Now {
 /// is given back. Keeping these off the async path spares each one the
 /// moves of the frame through [`peer_frame`]'s and [`handle_frame`]'s
 /// futures.
-fn handle_frame_now(state: &State, peer: &Peer, f: pb::LinkFrame, inflight: &mut Inflight) -> Now {
+fn handle_frame_now(
+    state: &State,
+    peer: &Peer,
+    f: pb::LinkFrame,
+    inflight: &mut Inflight,
+    flush: &mut FlushList,
+) -> Now {
     let metrics = &state.hub.metrics;
     match f.body {
         Some(Body::Ack(a)) => {
@@ -486,7 +523,12 @@ fn handle_frame_now(state: &State, peer: &Peer, f: pb::LinkFrame, inflight: &mut
             metrics.commands_in.fetch_add(1, Ordering::Relaxed);
             let result = Command::try_from(c)
                 .map_err(|e| e.to_string())
-                .and_then(|cmd| state.hub.execute(cmd).map_err(|e| e.to_string()));
+                .and_then(|cmd| {
+                    state
+                        .hub
+                        .execute_listed(cmd, flush)
+                        .map_err(|e| e.to_string())
+                });
             match result {
                 Ok(_) => Now::Done,
                 Err(e) => {

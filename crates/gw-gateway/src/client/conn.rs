@@ -8,14 +8,20 @@
 //! room for the client's message), and a client that stops reading can
 //! never pin it.
 //!
-//! An idle connection keeps no buffers: reads go through a stack buffer and
-//! only an incomplete frame is kept; the outgoing deque is dropped once it
-//! has been written out.
+//! A plain TCP connection shares its socket with its queue: a worker link
+//! that fanned frames out writes them straight to the socket while this
+//! task has nothing of its own to write ([`crate::hub::FlushList`]), and
+//! hands it whatever the socket did not take, the partly written frame
+//! first. The queue's `task_writing` flag keeps the two from ever writing
+//! at once.
+//!
+//! An idle connection keeps no buffers: reads go through a per-thread
+//! scratch buffer and only an incomplete frame is kept; the outgoing deque
+//! is dropped once it has been written out.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,8 +36,16 @@ use super::tls::ClientStream;
 use crate::hub::ClientSender;
 use crate::metrics::Metrics;
 
-/// Bytes read per `read` call into the stack buffer.
+/// Bytes read per `read` call into the scratch buffer.
 const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Where reads land before the bytes are appended to a connection's
+    /// `rbuf`: one per thread, zeroed once (a plain socket is read through
+    /// a shared reference, which wants initialised memory).
+    static READ_SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
 /// Frames handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 /// A written-out deque larger than this is dropped rather than kept.
@@ -75,6 +89,9 @@ impl Conn {
         leftover: Vec<u8>,
         ping_every: Option<Duration>,
     ) -> Self {
+        if let ClientStream::Plain(socket) = &stream {
+            shared.set_socket(Some(socket.clone()));
+        }
         Conn {
             stream,
             shared,
@@ -87,9 +104,14 @@ impl Conn {
     }
 
     /// Queues a frame of our own (pong, ping, close) behind what is
-    /// already being written.
+    /// already being written and queued (the queue's first frame may be
+    /// partly written by a flush: it must be finished first).
     pub(crate) fn send_control(&mut self, frame: Bytes) {
+        if self.out.is_empty() {
+            self.take_queued();
+        }
         self.out.push_back(frame);
+        self.shared.set_task_writing();
     }
 
     /// Gives back buffers an idle connection does not need.
@@ -133,17 +155,18 @@ impl Conn {
             self.rbuf.reserve(want);
             return tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf);
         }
-        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut buf = ReadBuf::uninit(&mut chunk);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                self.rbuf.extend_from_slice(buf.filled());
-                Poll::Ready(Ok(n))
+        READ_SCRATCH.with_borrow_mut(|chunk| {
+            let mut buf = ReadBuf::new(chunk);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    self.rbuf.extend_from_slice(buf.filled());
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        })
     }
 
     /// Writes `out` until it is empty (`Ready(Ok)`) or the socket is full.
@@ -194,7 +217,14 @@ impl Conn {
     /// Moves the client's queue into `out`, counting it as sent; returns
     /// how many frames it held.
     fn take_queued(&mut self) -> usize {
-        let (frames, bytes) = self.shared.take(&mut self.out);
+        let was_empty = self.out.is_empty();
+        let (frames, bytes, front_written) = self.shared.take(&mut self.out);
+        if front_written > 0 {
+            // A flush wrote part of the first frame; only possible while
+            // this task had nothing of its own to write.
+            debug_assert!(was_empty, "a flush wrote while the task was writing");
+            self.written = front_written;
+        }
         if frames > 0 {
             self.metrics
                 .messages_out
@@ -256,10 +286,18 @@ impl Conn {
         close_frame: Option<Bytes>,
         limit: Duration,
     ) {
+        // From here only this task writes.
+        self.shared.set_socket(None);
         if skip_queue {
             // A partly written frame must still be completed.
             let keep = usize::from(self.written > 0);
             self.out.truncate(keep);
+            if self.out.is_empty() {
+                if let Some((frame, written)) = self.shared.take_partial() {
+                    self.out.push_back(frame);
+                    self.written = written;
+                }
+            }
         }
         let _ = tokio::time::timeout(limit, async {
             if !skip_queue {

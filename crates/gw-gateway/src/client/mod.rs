@@ -122,7 +122,7 @@ async fn establish(
             }
         }
         (Protocol::Wss, None) => return None,
-        _ => ClientStream::Plain(stream),
+        _ => ClientStream::Plain(Arc::new(stream)),
     };
     if full {
         metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -261,6 +261,8 @@ async fn handle_connection(
     // Leave every table first so that no later send finds the client, then
     // close the socket, then report the close once, with what the client had.
     shared.close(1000);
+    // Flush lists stop writing to the socket; the task finishes alone.
+    shared.set_socket(None);
     let removed = state.hub.remove_client(client_id);
     metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
     metrics.count_close(&reason.text);

@@ -66,7 +66,10 @@ fn build(cert_path: &str, key_path: &str) -> Result<rustls::ServerConfig, String
 
 /// A client connection, plain or TLS.
 pub(crate) enum ClientStream {
-    Plain(TcpStream),
+    /// Shared with the client's queue ([`crate::hub::ClientShared`]): a
+    /// fan-out writes what it queued straight to the socket when the
+    /// connection task is not writing (see [`crate::hub::FlushList`]).
+    Plain(Arc<TcpStream>),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -77,7 +80,7 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Plain(s) => poll_recv(s, cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -90,21 +93,24 @@ impl AsyncWrite for ClientStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Plain(s) => poll_sendmsg(s, cx, &[io::IoSlice::new(buf)]),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            // Nothing is buffered above the socket.
+            ClientStream::Plain(_) => Poll::Ready(Ok(())),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Plain(s) => {
+                Poll::Ready(socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Write))
+            }
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -122,8 +128,27 @@ impl AsyncWrite for ClientStream {
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Plain(_) => true,
             ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Reads from a socket shared by reference (tokio's `AsyncRead` wants it
+/// owned). An uninitialised `buf` is zeroed first; the hot path hands an
+/// initialised one, so that costs nothing there.
+fn poll_recv(s: &TcpStream, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    loop {
+        std::task::ready!(s.poll_read_ready(cx))?;
+        // try_read clears the readiness on WouldBlock, so the next
+        // poll_read_ready waits for more bytes.
+        match s.try_read(buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
@@ -131,7 +156,7 @@ impl AsyncWrite for ClientStream {
 /// `sendmsg` rather than tokio's `writev`: on a socket the VFS layer of
 /// `writev` (file lookup with position lock, iterator setup) is pure
 /// overhead, and every frame a client receives goes through here.
-fn poll_sendmsg(
+pub(crate) fn poll_sendmsg(
     s: &TcpStream,
     cx: &mut Context<'_>,
     bufs: &[io::IoSlice<'_>],
